@@ -1,0 +1,35 @@
+# imxd developer tasks.  `make run` starts the server in the foreground on
+# etc/imxd.toml; `make test` runs the whole test suite.  Both build the
+# virtual environment in $(VENV) first when setup.cfg or pyproject.toml change.
+
+VENV ?= .venv
+PYTHON ?= python3
+PYTEST_ARGS ?= -q -p no:cacheprovider
+CONFIG ?= etc/imxd.toml
+
+.PHONY: run test clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	@if ! $(PYTHON) -m venv $(VENV); then \
+	    rm -rf $(VENV); \
+	    if [ "$$(id -u)" = 0 ]; then \
+	        apt-get update && apt-get install -y python3-venv; \
+	    else \
+	        echo "python3 -m venv failed; install python3-venv" >&2; exit 1; \
+	    fi; \
+	    $(PYTHON) -m venv $(VENV); \
+	fi
+	$(VENV)/bin/python -m pip install --upgrade pip
+	$(VENV)/bin/python -m pip install --config-settings editable_mode=compat -e '.[test]'
+	touch $@
+
+run: $(VENV)/.installed
+	$(VENV)/bin/twistd -n --pidfile= imxd --config $(CONFIG)
+
+test: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS) tests
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info _trial_temp* .pytest_cache .hypothesis
+	rm -f twisted/plugins/dropin.cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

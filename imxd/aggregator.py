@@ -1,0 +1,93 @@
+"""
+The Aggregator: the root service of an imxd process, and one
+L{VirtualDomain} per hosted domain.
+
+The listeners are added by L{imxd.tap.makeService}; the router, outbound
+pools and store join the Aggregator in later work.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from twisted.application import service
+from twisted.logger import Logger
+
+from imxd.backend import lookupBackend
+from imxd.config import Config, DomainConfig
+
+__all__ = ["VirtualDomain", "Aggregator"]
+
+
+class VirtualDomain(service.Service):
+    """
+    One hosted domain: its configuration and its backend adapter.
+
+    The service is named after the domain.
+
+    @ivar config: the domain's L{DomainConfig}.
+    @ivar backend: its backend adapter, providing
+        L{imxd.backend.interfaces.IBackend}.
+    """
+
+    _log = Logger()
+
+    def __init__(self, config: DomainConfig) -> None:
+        """
+        Build the domain's backend from its registered kind.
+
+        @param config: the domain's L{DomainConfig}, already validated.
+        """
+        self.config = config
+        self.name = config.name
+        self.backend = lookupBackend(config.backend).factory(config)
+
+    def startService(self) -> None:
+        """
+        Start serving the domain; logs one line.
+        """
+        super().startService()
+        self._log.info(
+            "Hosting {domain} (backend {backend}, TLS {tls})",
+            domain=self.config.name,
+            backend=self.config.backend,
+            tls=self.config.policy.tls,
+        )
+
+    def __repr__(self) -> str:
+        return f"<VirtualDomain {self.config.name} backend={self.config.backend}>"
+
+
+class Aggregator(service.MultiService):
+    """
+    The root service: all hosted domains and the listeners they share.
+
+    @ivar config: the L{Config} the Aggregator was built from.
+    """
+
+    def __init__(self, config: Config) -> None:
+        """
+        Add one L{VirtualDomain} child per hosted domain.
+
+        @param config: the validated configuration.
+        """
+        super().__init__()
+        self.config = config
+        self._domains: dict[str, VirtualDomain] = {}
+        for domainConfig in config.domains:
+            virtualDomain = VirtualDomain(domainConfig)
+            virtualDomain.setServiceParent(self)
+            self._domains[domainConfig.name] = virtualDomain
+
+    def domain(self, name: str) -> Optional[VirtualDomain]:
+        """
+        @param name: a normalised domain name.
+        @return: the L{VirtualDomain} hosting it, or L{None}.
+        """
+        return self._domains.get(name)
+
+    def hostedDomains(self) -> frozenset[str]:
+        """
+        @return: the normalised names of every hosted domain.
+        """
+        return frozenset(self._domains)

@@ -1,0 +1,135 @@
+"""
+Backend adapters: the boundary between imxd and a private IM system.
+
+Each adapter registers itself under a I{kind} name (the C{backend} key of a
+C{[[domain]]} table in the configuration).  A registration pairs a factory,
+which builds the adapter for one hosted domain, with an option validator,
+which checks the domain's C{backend_options} table at start-up so that a
+mistake is reported before anything runs.
+
+Kinds shipped with imxd are registered when this package is imported.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import attrs
+
+__all__ = [
+    "BackendRegistration",
+    "registerBackend",
+    "unregisterBackend",
+    "backendKinds",
+    "lookupBackend",
+    "validateBackendOptions",
+]
+
+BackendFactory = Callable[..., Any]
+OptionsValidator = Callable[[Mapping[str, Any]], dict]
+
+
+@attrs.frozen
+class BackendRegistration:
+    """
+    One registered kind of backend adapter.
+
+    @ivar kind: the name used in configuration files, e.g. C{"memory"}.
+    @ivar factory: called as C{factory(domainConfig)} with a
+        L{imxd.config.DomainConfig} whose C{backendOptions} have already been
+        validated; returns an object providing
+        L{imxd.backend.interfaces.IBackend}.
+    @ivar validateOptions: called with the raw C{backend_options} mapping;
+        returns the normalised options as a new L{dict} or raises
+        L{ValueError} with a one-line reason.
+    """
+
+    kind: str
+    factory: BackendFactory
+    validateOptions: OptionsValidator
+
+
+_registry: dict[str, BackendRegistration] = {}
+
+
+def registerBackend(
+    kind: str, factory: BackendFactory, validateOptions: OptionsValidator
+) -> BackendRegistration:
+    """
+    Register a kind of backend adapter.
+
+    @param kind: the kind name; a non-empty string not registered before.
+    @param factory: see L{BackendRegistration.factory}.
+    @param validateOptions: see L{BackendRegistration.validateOptions}.
+    @return: the new registration.
+    @raise ValueError: if C{kind} is empty or already registered.
+    """
+    if not isinstance(kind, str) or not kind:
+        raise ValueError("backend kind must be a non-empty string")
+    if kind in _registry:
+        raise ValueError(f"backend kind {kind!r} is already registered")
+    registration = BackendRegistration(kind, factory, validateOptions)
+    _registry[kind] = registration
+    return registration
+
+
+def unregisterBackend(kind: str) -> None:
+    """
+    Forget a kind of backend adapter (for tests that register their own).
+
+    @param kind: a registered kind name.
+    @raise KeyError: if C{kind} is not registered.
+    """
+    del _registry[kind]
+
+
+def backendKinds() -> frozenset[str]:
+    """
+    @return: the names of every registered kind.
+    """
+    return frozenset(_registry)
+
+
+def lookupBackend(kind: str) -> BackendRegistration:
+    """
+    Find the registration of a kind.
+
+    @param kind: a kind name.
+    @return: its L{BackendRegistration}.
+    @raise KeyError: if C{kind} is not registered; the message lists the
+        known kinds.
+    """
+    try:
+        return _registry[kind]
+    except KeyError:
+        raise KeyError(_unknownKind(kind)) from None
+
+
+def validateBackendOptions(kind: str, options: Mapping[str, Any]) -> dict:
+    """
+    Check the options of a backend of the given kind.
+
+    @param kind: a kind name.
+    @param options: the C{backend_options} table from the configuration.
+    @return: the normalised options as a new L{dict}.
+    @raise ValueError: with a one-line reason, if the kind is unknown or the
+        options are not acceptable to it.
+    """
+    registration = _registry.get(kind)
+    if registration is None:
+        raise ValueError(_unknownKind(kind))
+    return registration.validateOptions(options)
+
+
+def _unknownKind(kind: str) -> str:
+    known = ", ".join(sorted(_registry)) or "none"
+    return f"unknown backend kind {kind!r} (known: {known})"
+
+
+def _registerBuiltins() -> None:
+    from imxd.backend import memory
+
+    registerBackend("memory", memory.MemoryBackend.fromConfig, memory.validateOptions)
+
+
+_registerBuiltins()

@@ -1,0 +1,84 @@
+"""
+The C{memory} backend: keeps what it is given in lists.
+
+It exists for tests and for running imxd before a real backend is chosen.
+It accepts no options.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from twisted.internet.defer import Deferred, succeed
+from zope.interface import implementer
+
+from imxd.backend.interfaces import IBackend
+
+
+def validateOptions(options: Mapping[str, Any]) -> dict:
+    """
+    Check the options of a C{memory} backend: it has none.
+
+    @param options: the C{backend_options} table.
+    @return: an empty L{dict}.
+    @raise ValueError: naming the first unknown option, if there is any.
+    """
+    if options:
+        name = sorted(options)[0]
+        raise ValueError(
+            f"unknown option {name!r}: the memory backend takes no options"
+        )
+    return {}
+
+
+@implementer(IBackend)
+class MemoryBackend:
+    """
+    A backend that records every message and notification delivered to it.
+
+    @ivar domain: the normalised name of the hosted domain served.
+    @ivar messages: the messages delivered, oldest first.
+    @ivar notifications: the notifications delivered, oldest first.
+    """
+
+    def __init__(self, domain: str) -> None:
+        """
+        @param domain: the normalised name of the hosted domain served.
+        """
+        self.domain = domain
+        self.messages: list[Any] = []
+        self.notifications: list[Any] = []
+
+    @classmethod
+    def fromConfig(cls, domainConfig: Any) -> "MemoryBackend":
+        """
+        Build the backend of a hosted domain.
+
+        @param domainConfig: the domain's L{imxd.config.DomainConfig}.
+        @return: a new, empty L{MemoryBackend}.
+        """
+        return cls(domainConfig.name)
+
+    def deliverMessage(self, message: Any) -> Deferred[None]:
+        """
+        Record C{message}; see L{IBackend.deliverMessage}.
+
+        @return: a L{Deferred} that has already fired with L{None}.
+        """
+        self.messages.append(message)
+        return succeed(None)
+
+    def deliverNotification(self, notification: Any) -> Deferred[None]:
+        """
+        Record C{notification}; see L{IBackend.deliverNotification}.
+
+        @return: a L{Deferred} that has already fired with L{None}.
+        """
+        self.notifications.append(notification)
+        return succeed(None)
+
+    def __repr__(self) -> str:
+        return (
+            f"<MemoryBackend {self.domain} messages={len(self.messages)}"
+            f" notifications={len(self.notifications)}>"
+        )

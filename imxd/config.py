@@ -1,0 +1,736 @@
+"""
+The imxd configuration file: TOML, validated once at start-up.
+
+L{loadConfig} reads a file and L{parseConfig} validates an already-parsed
+document; both return one immutable L{Config} or raise L{ConfigError}, whose
+one-line message names the file, the dotted key and the problem, for example::
+
+    etc/imxd.toml: domain[1].name: duplicate of domain[0].name ('alpha.test')
+
+The schema is written once, as tables of L{_Key} rows below, and documented
+for operators in C{docs/configuration.md}; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import tomllib
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Optional
+
+import attrs
+
+from imxd.address import AddressError, normaliseDomain
+from imxd.backend import backendKinds, validateBackendOptions
+
+__all__ = [
+    "ConfigError",
+    "Config",
+    "ServerConfig",
+    "TimeoutsConfig",
+    "LimitsConfig",
+    "PeerConfig",
+    "DomainConfig",
+    "PolicyConfig",
+    "loadConfig",
+    "parseConfig",
+    "DEFAULT_PORT",
+    "TLS_MODES",
+]
+
+DEFAULT_PORT = 5275
+"""The IMX port used when neither discovery nor configuration names one."""
+
+TLS_MODES = ("off", "offered", "required")
+"""The values of C{domain.policy.tls}."""
+
+
+class ConfigError(Exception):
+    """
+    The configuration is not acceptable.
+
+    @ivar path: the configuration file, as it was named to L{loadConfig}.
+    @ivar key: the dotted key at fault, e.g. C{"domain[2].name"} or
+        C{"server.timeouts.idle"}; L{None} when the file as a whole is at
+        fault (missing, unreadable, not TOML).
+    @ivar problem: what is wrong, in one line.
+    """
+
+    def __init__(self, path: str, key: Optional[str], problem: str) -> None:
+        """
+        @param path: see L{ConfigError.path}.
+        @param key: see L{ConfigError.key}.
+        @param problem: see L{ConfigError.problem}.
+        """
+        super().__init__(path, key, problem)
+        self.path = path
+        self.key = key
+        self.problem = " ".join(str(problem).split())
+
+    def __str__(self) -> str:
+        if self.key is None:
+            return f"{self.path}: {self.problem}"
+        return f"{self.path}: {self.key}: {self.problem}"
+
+
+@attrs.frozen
+class TimeoutsConfig:
+    """
+    C{[server.timeouts]}: durations in seconds, all greater than zero.
+
+    @ivar handshake: from TCP connect until HELLO is done.
+    @ivar dialback: for one dial-back to complete.
+    @ivar idle: without Data before an orderly close.
+    @ivar keepalive: of silence before a PING is sent.
+    """
+
+    handshake: float = 10.0
+    dialback: float = 15.0
+    idle: float = 600.0
+    keepalive: float = 60.0
+
+
+@attrs.frozen
+class LimitsConfig:
+    """
+    C{[server.limits]}: positive integers.
+
+    @ivar maxRecordSize: largest record body accepted, in bytes.
+    @ivar maxConnectionsTotal: open peer connections, inbound and outbound.
+    @ivar maxConnectionsPerAddress: inbound connections from one source
+        address.
+    @ivar maxConnectionsPerDomain: connections authenticated for one remote
+        domain.
+    @ivar maxPendingDialbacksPerAddress: unfinished dial-backs for
+        connections from one source address.
+    @ivar maxOutboundPerPeer: outbound connections opened to one peer.
+    """
+
+    maxRecordSize: int = 65536
+    maxConnectionsTotal: int = 1000
+    maxConnectionsPerAddress: int = 16
+    maxConnectionsPerDomain: int = 4
+    maxPendingDialbacksPerAddress: int = 8
+    maxOutboundPerPeer: int = 2
+
+
+@attrs.frozen
+class ServerConfig:
+    """
+    C{[server]}: settings of the whole process.
+
+    @ivar stateDirectory: absolute path of the state directory.
+    @ivar dialbackSecretFile: absolute path of the dial-back secret.
+    @ivar listen: Twisted server endpoint descriptions, at least one.
+    @ivar dnsServers: C{(ip, port)} pairs; empty means the system resolver.
+    @ivar software: product token announced in HELLO.
+    @ivar timeouts: the L{TimeoutsConfig}.
+    @ivar limits: the L{LimitsConfig}.
+    """
+
+    stateDirectory: str
+    dialbackSecretFile: str
+    listen: tuple[str, ...]
+    dnsServers: tuple[tuple[str, int], ...]
+    software: str
+    timeouts: TimeoutsConfig
+    limits: LimitsConfig
+
+
+@attrs.frozen
+class PeerConfig:
+    """
+    One C{[[peer]]}: a static address for a remote domain, used instead of
+    discovery.
+
+    @ivar domain: the normalised remote domain.
+    @ivar host: host name or IP address to connect to.
+    @ivar port: TCP port.
+    """
+
+    domain: str
+    host: str
+    port: int = DEFAULT_PORT
+
+
+@attrs.frozen
+class PolicyConfig:
+    """
+    C{[domain.policy]}: what one hosted domain accepts.
+
+    @ivar blockedDomains: normalised remote domains refused, without
+        duplicates, in the order written.
+    @ivar tls: C{"off"}, C{"offered"} or C{"required"}.
+    """
+
+    blockedDomains: tuple[str, ...] = ()
+    tls: str = "offered"
+
+
+@attrs.frozen
+class DomainConfig:
+    """
+    One C{[[domain]]}: a hosted domain.
+
+    @ivar name: the normalised domain name.
+    @ivar backend: the backend kind, registered in L{imxd.backend}.
+    @ivar backendOptions: the options validated by that kind, read-only.
+    @ivar certificate: absolute path of the PEM certificate, or L{None}.
+    @ivar key: absolute path of the PEM private key, or L{None}.
+    @ivar policy: the L{PolicyConfig}.
+    """
+
+    name: str
+    backend: str
+    backendOptions: Mapping[str, Any]
+    certificate: Optional[str]
+    key: Optional[str]
+    policy: PolicyConfig
+
+
+@attrs.frozen
+class Config:
+    """
+    A whole validated configuration: one immutable value, swapped as a
+    whole when the configuration is reloaded.
+
+    @ivar path: the file it was read from.
+    @ivar server: the L{ServerConfig}.
+    @ivar domains: the hosted domains, in the order written, at least one.
+    @ivar peers: the static peers, in the order written.
+    """
+
+    path: str
+    server: ServerConfig
+    domains: tuple[DomainConfig, ...]
+    peers: tuple[PeerConfig, ...] = ()
+
+    def domain(self, name: str) -> Optional[DomainConfig]:
+        """
+        @param name: a normalised domain name.
+        @return: the hosted domain of that name, or L{None}.
+        """
+        for domain in self.domains:
+            if domain.name == name:
+                return domain
+        return None
+
+
+def loadConfig(path: str) -> Config:
+    """
+    Read and validate a configuration file.
+
+    Relative paths inside it are taken relative to the directory that holds
+    it.
+
+    @param path: the file's path.
+    @return: the validated L{Config}.
+    @raise ConfigError: if the file is missing, unreadable, not TOML or not
+        valid.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(path, None, "file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(path, None, "is a directory, not a file") from None
+    except OSError as e:
+        raise ConfigError(path, None, f"cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, None, f"not valid UTF-8: {e.reason}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, None, f"TOML syntax error: {e}") from None
+    return parseConfig(data, path, os.path.dirname(os.path.abspath(path)))
+
+
+def parseConfig(
+    data: Mapping[str, Any], path: str, baseDirectory: str | os.PathLike[str]
+) -> Config:
+    """
+    Validate a parsed configuration document.
+
+    @param data: the document, as C{tomllib} returns it.
+    @param path: the file name to show in errors and keep in
+        L{Config.path}.
+    @param baseDirectory: the directory that relative paths are relative to.
+    @return: the validated L{Config}.
+    @raise ConfigError: at the first mistake found.
+    """
+    where = _Where(path, "", os.path.abspath(os.fspath(baseDirectory)))
+    values = _readTable(data, _TOP, where)
+    config = Config(path=path, **values)
+    hosted = {domain.name: i for i, domain in enumerate(config.domains)}
+    for i, peer in enumerate(config.peers):
+        if peer.domain in hosted:
+            raise where.child("peer").item(i).child("domain").error(
+                f"{peer.domain!r} is hosted here (domain[{hosted[peer.domain]}])"
+                " and cannot also be a peer"
+            )
+    return config
+
+
+# The schema machinery.  A checker is called as check(value, where) with the
+# raw TOML value and returns the value to keep, or raises where.error(...).
+
+_Checker = Callable[[Any, "_Where"], Any]
+_REQUIRED = object()
+
+
+@attrs.frozen
+class _Where:
+    """
+    Where in the configuration a value sits, to name it in errors.
+
+    @ivar path: the configuration file.
+    @ivar key: the dotted key, C{""} at the top.
+    @ivar baseDirectory: what relative paths are relative to.
+    """
+
+    path: str
+    key: str
+    baseDirectory: str
+
+    def child(self, name: str) -> "_Where":
+        return attrs.evolve(self, key=f"{self.key}.{name}" if self.key else name)
+
+    def item(self, index: int) -> "_Where":
+        return attrs.evolve(self, key=f"{self.key}[{index}]")
+
+    def error(self, problem: str) -> ConfigError:
+        return ConfigError(self.path, self.key, problem)
+
+    def resolve(self, name: str) -> str:
+        return os.path.normpath(os.path.join(self.baseDirectory, name))
+
+
+@attrs.frozen
+class _Key:
+    """
+    One row of a schema table.
+
+    @ivar name: the TOML key.
+    @ivar attribute: the attribute of the config object it fills.
+    @ivar check: its L{_Checker}.
+    @ivar default: the raw TOML value used when the key is absent (it is
+        checked like a written one), or C{_REQUIRED}.
+    """
+
+    name: str
+    attribute: str
+    check: _Checker
+    default: Any = _REQUIRED
+
+
+def _readTable(data: Any, keys: tuple[_Key, ...], where: _Where) -> dict:
+    """
+    Check a TOML table against a schema table.
+
+    @return: the checked values by attribute name.
+    """
+    if not isinstance(data, dict):
+        raise where.error(f"expected a table, got {_describe(data)}")
+    known = {key.name: key for key in keys}
+    for name in data:
+        if name not in known:
+            raise where.child(name).error(
+                f"unknown key (known here: {', '.join(known)})"
+            )
+    values = {}
+    for key in keys:
+        here = where.child(key.name)
+        if key.name in data:
+            raw = data[key.name]
+        elif key.default is _REQUIRED:
+            raise here.error("missing (required)")
+        else:
+            raw = key.default
+        values[key.attribute] = key.check(raw, here)
+    return values
+
+
+def _describe(value: Any) -> str:
+    """
+    @return: the TOML type of C{value} and, when short, the value itself.
+    """
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, int):
+        return f"an integer ({value})"
+    if isinstance(value, float):
+        return f"a float ({value})"
+    if isinstance(value, str):
+        return f"a string ({value!r})" if len(value) <= 40 else "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return "a date or time"
+
+
+def _table(
+    cls: type,
+    *keys: _Key,
+    finish: Optional[Callable[[dict, _Where], dict]] = None,
+) -> _Checker:
+    """
+    @return: a checker of a nested table that builds C{cls} from C{keys};
+        C{finish(values, where)} may check and adjust the values first.
+    """
+
+    def check(value: Any, where: _Where) -> Any:
+        values = _readTable(value, keys, where)
+        if finish is not None:
+            values = finish(values, where)
+        return cls(**values)
+
+    return check
+
+
+def _arrayOfTables(
+    table: _Checker, minimum: int = 0, uniqueBy: Optional[tuple[str, str]] = None
+) -> _Checker:
+    """
+    @param table: the checker of each element.
+    @param minimum: the fewest elements allowed.
+    @param uniqueBy: C{(attribute, key)}: no two elements may have the same
+        value of C{attribute}, reported at C{key} of the later one.
+    @return: a checker of an array of tables, giving a L{tuple}.
+    """
+
+    def check(value: Any, where: _Where) -> tuple:
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            name = where.key.rsplit(".", 1)[-1]
+            raise where.error(
+                f"expected an array of tables ([[{name}]]), got {_describe(value)}"
+            )
+        if len(value) < minimum:
+            name = where.key.rsplit(".", 1)[-1]
+            raise where.error(f"at least {minimum} [[{name}]] table(s) required")
+        result = []
+        seen: dict[Any, int] = {}
+        for i, element in enumerate(value):
+            checked = table(element, where.item(i))
+            if uniqueBy is not None:
+                attribute, key = uniqueBy
+                identity = getattr(checked, attribute)
+                if identity in seen:
+                    raise where.item(i).child(key).error(
+                        f"duplicate of {where.key}[{seen[identity]}].{key}"
+                        f" ({identity!r})"
+                    )
+                seen[identity] = i
+            result.append(checked)
+        return tuple(result)
+
+    return check
+
+
+def _listOf(item: _Checker, minimum: int = 0, unique: bool = False) -> _Checker:
+    """
+    @return: a checker of an array whose elements C{item} checks, giving a
+        L{tuple}; with C{unique}, repeated elements are kept once.
+    """
+
+    def check(value: Any, where: _Where) -> tuple:
+        if not isinstance(value, list):
+            raise where.error(f"expected an array, got {_describe(value)}")
+        if len(value) < minimum:
+            raise where.error(f"at least {minimum} required")
+        result = tuple(item(element, where.item(i)) for i, element in enumerate(value))
+        if unique:
+            result = tuple(dict.fromkeys(result))
+        return result
+
+    return check
+
+
+def _string(value: Any, where: _Where) -> str:
+    if not isinstance(value, str):
+        raise where.error(f"expected a string, got {_describe(value)}")
+    return value
+
+
+def _nonEmptyString(value: Any, where: _Where) -> str:
+    value = _string(value, where)
+    if not value:
+        raise where.error("must not be empty")
+    return value
+
+
+def _integer(minimum: int, maximum: Optional[int] = None) -> _Checker:
+    """
+    @return: a checker of an integer (not a boolean) in C{minimum..maximum}.
+    """
+
+    def check(value: Any, where: _Where) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise where.error(f"expected an integer, got {_describe(value)}")
+        if value < minimum or (maximum is not None and value > maximum):
+            if maximum is None:
+                raise where.error(f"must be at least {minimum}, got {value}")
+            raise where.error(f"must be from {minimum} to {maximum}, got {value}")
+        return value
+
+    return check
+
+
+def _positiveNumber(value: Any, where: _Where) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise where.error(f"expected a number of seconds, got {_describe(value)}")
+    if not (math.isfinite(value) and value > 0):
+        raise where.error(f"must be a finite number greater than 0, got {value}")
+    return float(value)
+
+
+def _oneOf(*choices: str) -> _Checker:
+    """
+    @return: a checker of a string that is one of C{choices}.
+    """
+
+    def check(value: Any, where: _Where) -> str:
+        value = _string(value, where)
+        if value not in choices:
+            raise where.error(
+                f"must be one of {', '.join(map(repr, choices))}, got {value!r}"
+            )
+        return value
+
+    return check
+
+
+def _domainName(value: Any, where: _Where) -> str:
+    value = _string(value, where)
+    try:
+        return normaliseDomain(value)
+    except AddressError as e:
+        raise where.error(str(e)) from None
+
+
+def _hostName(value: Any, where: _Where) -> str:
+    value = _nonEmptyString(value, where)
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        pass
+    try:
+        return normaliseDomain(value)
+    except AddressError as e:
+        raise where.error(f"not an IP address, and {e}") from None
+
+
+def _ipLiteral(text: str, where: _Where, original: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise where.error(
+            f"bad DNS server {original!r}: expected an IP address,"
+            " optionally with ':port' ('[v6]:port' for IPv6)"
+        ) from None
+
+
+def _dnsServer(value: Any, where: _Where) -> tuple[str, int]:
+    """
+    Check C{"ip"}, C{"ip:port"}, C{"v6"} or C{"[v6]:port"}.
+
+    @return: C{(ip, port)}; the port is 53 when not given.
+    """
+    value = _nonEmptyString(value, where)
+    host, port = value, "53"
+    if value.startswith("["):
+        inside, bracket, rest = value[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise where.error(f"bad DNS server {value!r}: expected '[v6]:port'")
+        host, port = inside, rest[1:] if rest else "53"
+    elif value.count(":") == 1:
+        host, port = value.split(":")
+    host = _ipLiteral(host, where, value)
+    if not (port.isdigit() and port.isascii() and 1 <= int(port) <= 65535):
+        raise where.error(f"bad DNS server {value!r}: port must be from 1 to 65535")
+    return host, int(port)
+
+
+def _endpoint(value: Any, where: _Where) -> str:
+    """
+    Check a Twisted server endpoint description by parsing it against a
+    reactor that does nothing.
+    """
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.testing import MemoryReactor
+
+    value = _nonEmptyString(value, where)
+    try:
+        endpoint = serverFromString(MemoryReactor(), value)
+    except Exception as e:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise where.error(f"bad endpoint {value!r}: {reason}") from None
+    port = getattr(endpoint, "_port", None)
+    if isinstance(port, int) and not 0 <= port <= 65535:
+        raise where.error(f"bad endpoint {value!r}: port must be from 0 to 65535")
+    return value
+
+
+def _software(value: Any, where: _Where) -> str:
+    value = _nonEmptyString(value, where)
+    if len(value) > 64 or not value.isascii() or not value.isprintable() or " " in value:
+        raise where.error(
+            "must be a product token: up to 64 printable ASCII characters,"
+            " no spaces"
+        )
+    return value
+
+
+def _optionalPath(value: Any, where: _Where) -> Optional[str]:
+    """
+    @return: the absolute path, or L{None} for C{""}.
+    """
+    value = _string(value, where)
+    return where.resolve(value) if value else None
+
+
+def _existingFile(value: Any, where: _Where) -> Optional[str]:
+    """
+    Check an optional path that, when given, names a readable file.
+    """
+    path = _optionalPath(value, where)
+    if path is None:
+        return None
+    if not os.path.exists(path):
+        raise where.error(f"file not found: {path}")
+    if not os.path.isfile(path):
+        raise where.error(f"not a regular file: {path}")
+    if not os.access(path, os.R_OK):
+        raise where.error(f"file not readable: {path}")
+    return path
+
+
+def _stateDirectory(value: Any, where: _Where) -> str:
+    path = where.resolve(_nonEmptyString(value, where))
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise where.error(f"not a directory: {path}")
+    elif not os.path.isdir(os.path.dirname(path)):
+        raise where.error(f"its parent directory does not exist: {path}")
+    return path
+
+
+def _finishServer(values: dict, where: _Where) -> dict:
+    state = values["stateDirectory"]
+    secret = values["dialbackSecretFile"]
+    if secret is None:
+        secret = os.path.join(state, "dialback.secret")
+    else:
+        here = where.child("dialback_secret_file")
+        if os.path.isdir(secret):
+            raise here.error(f"is a directory: {secret}")
+        parent = os.path.dirname(secret)
+        if parent != state and not os.path.isdir(parent):
+            raise here.error(f"its directory does not exist: {parent}")
+    return {**values, "dialbackSecretFile": secret}
+
+
+def _finishDomain(values: dict, where: _Where) -> dict:
+    if values["certificate"] and not values["key"]:
+        raise where.child("key").error("required when certificate is given")
+    if values["key"] and not values["certificate"]:
+        raise where.child("certificate").error("required when key is given")
+    if values["policy"].tls == "required" and not values["certificate"]:
+        raise where.child("policy").child("tls").error(
+            "'required' needs certificate and key for this domain"
+        )
+    try:
+        options = validateBackendOptions(values["backend"], values["backendOptions"])
+    except ValueError as e:
+        raise where.child("backend_options").error(str(e)) from None
+    return {**values, "backendOptions": MappingProxyType(dict(options))}
+
+
+def _backendKind(value: Any, where: _Where) -> str:
+    value = _nonEmptyString(value, where)
+    kinds = backendKinds()
+    if value not in kinds:
+        raise where.error(
+            f"unknown backend kind {value!r} (known: {', '.join(sorted(kinds))})"
+        )
+    return value
+
+
+def _backendOptions(value: Any, where: _Where) -> dict:
+    if not isinstance(value, dict):
+        raise where.error(f"expected a table, got {_describe(value)}")
+    return value
+
+
+_TIMEOUTS = _table(
+    TimeoutsConfig,
+    _Key("handshake", "handshake", _positiveNumber, 10.0),
+    _Key("dialback", "dialback", _positiveNumber, 15.0),
+    _Key("idle", "idle", _positiveNumber, 600.0),
+    _Key("keepalive", "keepalive", _positiveNumber, 60.0),
+)
+
+_LIMITS = _table(
+    LimitsConfig,
+    _Key("max_record_size", "maxRecordSize", _integer(16384, 16777216), 65536),
+    _Key("max_connections_total", "maxConnectionsTotal", _integer(1), 1000),
+    _Key("max_connections_per_address", "maxConnectionsPerAddress", _integer(1), 16),
+    _Key("max_connections_per_domain", "maxConnectionsPerDomain", _integer(1), 4),
+    _Key(
+        "max_pending_dialbacks_per_address",
+        "maxPendingDialbacksPerAddress",
+        _integer(1),
+        8,
+    ),
+    _Key("max_outbound_per_peer", "maxOutboundPerPeer", _integer(1), 2),
+)
+
+_SERVER = _table(
+    ServerConfig,
+    _Key("state_dir", "stateDirectory", _stateDirectory, "state"),
+    _Key("dialback_secret_file", "dialbackSecretFile", _optionalPath, ""),
+    _Key(
+        "listen",
+        "listen",
+        _listOf(_endpoint, minimum=1),
+        ["tcp:port=5275:interface=127.0.0.1"],
+    ),
+    _Key("dns_servers", "dnsServers", _listOf(_dnsServer), []),
+    _Key("software", "software", _software, "imxd"),
+    _Key("timeouts", "timeouts", _TIMEOUTS, {}),
+    _Key("limits", "limits", _LIMITS, {}),
+    finish=_finishServer,
+)
+
+_PEER = _table(
+    PeerConfig,
+    _Key("domain", "domain", _domainName),
+    _Key("host", "host", _hostName),
+    _Key("port", "port", _integer(1, 65535), DEFAULT_PORT),
+)
+
+_POLICY = _table(
+    PolicyConfig,
+    _Key("blocked_domains", "blockedDomains", _listOf(_domainName, unique=True), []),
+    _Key("tls", "tls", _oneOf(*TLS_MODES), "offered"),
+)
+
+_DOMAIN = _table(
+    DomainConfig,
+    _Key("name", "name", _domainName),
+    _Key("backend", "backend", _backendKind),
+    _Key("backend_options", "backendOptions", _backendOptions, {}),
+    _Key("certificate", "certificate", _existingFile, ""),
+    _Key("key", "key", _existingFile, ""),
+    _Key("policy", "policy", _POLICY, {}),
+    finish=_finishDomain,
+)
+
+_TOP = (
+    _Key("server", "server", _SERVER, {}),
+    _Key(
+        "domain", "domains", _arrayOfTables(_DOMAIN, 1, uniqueBy=("name", "name")), []
+    ),
+    _Key("peer", "peers", _arrayOfTables(_PEER, uniqueBy=("domain", "domain")), []),
+)

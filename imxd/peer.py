@@ -1,0 +1,645 @@
+"""
+The IMX peer protocol: one L{PeerProtocol} per TCP connection, built by a
+L{PeerFactory}.
+
+This module owns the connection's life: preamble and HELLO (version and
+capability negotiation), the handshake timeout, PING/PONG keepalive, the
+idle close, orderly CLOSE, requests with tags and their responses, and the
+refusal of bad input (ERROR, then close).  What Data records mean is decided
+elsewhere; until dial-back is in place every Data record is refused as
+not authenticated.
+
+Time comes from the injected clock; nothing here touches the global
+reactor.
+"""
+
+import collections
+import enum
+import itertools
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+
+from imxd.wire import (
+    MINIMUM_MAX_RECORD,
+    PREAMBLE,
+    VERSION_MAX,
+    VERSION_MIN,
+    Ack,
+    Close,
+    EncodeError,
+    Error,
+    ErrorCode,
+    FrameDecoder,
+    Hello,
+    Ping,
+    Pong,
+    UnknownRecord,
+    WireError,
+    decodeRecord,
+    encodeRecord,
+)
+
+#: Seconds allowed for the peer's CLOSE after ours, and for a refused
+#: connection's last bytes to drain, before the TCP connection is aborted.
+CLOSE_GRACE = 5.0
+
+
+@attrs.frozen
+class PeerSettings:
+    """
+    What a peer connection needs to know about the server it runs in.
+
+    @ivar hostedDomains: the normalised names of the domains served here.
+    @ivar handshakeTimeout: seconds allowed from connect until HELLO is done.
+    @ivar keepaliveInterval: seconds of silence before a PING is sent; the
+        peer is dropped when no PONG comes back within the same interval.
+    @ivar idleTimeout: seconds without Data before an orderly CLOSE.
+    @ivar maxRecordSize: largest record body accepted, announced in HELLO.
+    @ivar software: product token announced in HELLO.
+    """
+
+    hostedDomains: frozenset = frozenset()
+    handshakeTimeout: float = 10.0
+    keepaliveInterval: float = 60.0
+    idleTimeout: float = 600.0
+    maxRecordSize: int = 65536
+    software: str = "imxd"
+
+
+class PeerState(enum.Enum):
+    """
+    Where a connection is in its life.
+    """
+
+    AWAITING_HELLO = "awaiting-hello"
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class RemoteError(Exception):
+    """
+    The peer answered a request with ERROR.
+
+    @ivar code: the ERROR code.
+    @ivar text: the peer's explanation, or C{None}.
+    @ivar retryAfter: seconds the peer asked us to wait, or C{None}.
+    """
+
+    def __init__(self, error):
+        super().__init__(f"{error.code} {error.text or ''}".strip())
+        self.code = error.code
+        self.text = error.text
+        self.retryAfter = error.retryAfter
+
+    @property
+    def temporary(self):
+        """
+        Whether the request may succeed if tried again later.
+        """
+        return 400 <= self.code <= 499
+
+
+def negotiateVersion(ours, theirs):
+    """
+    Choose the protocol version both sides speak: the highest version in
+    both ranges.
+
+    @param ours: C{(minimum, maximum)} of this side.
+    @param theirs: C{(minimum, maximum)} of the peer.
+    @return: the version, or C{None} when the ranges do not meet.
+    """
+    chosen = min(ours[1], theirs[1])
+    if chosen < max(ours[0], theirs[0]):
+        return None
+    return chosen
+
+
+class PeerProtocol(Protocol):
+    """
+    One IMX connection, in either direction.
+
+    @ivar state: the connection's L{PeerState}.
+    @ivar version: the negotiated protocol version, once HELLO is done.
+    @ivar peerHello: the peer's L{Hello}, once received.
+    @ivar originator: whether this side opened the connection.
+    """
+
+    log = Logger()
+
+    def __init__(self, factory, originator=False):
+        """
+        @param factory: the L{PeerFactory} that holds settings, clock and
+            counters.
+        @param originator: whether this side opened the connection.
+        """
+        self.factory = factory
+        self.settings = factory.settings
+        self.clock = factory.clock
+        self.originator = originator
+        self.state = PeerState.AWAITING_HELLO
+        self.version = None
+        self.peerHello = None
+        self.sendLimit = MINIMUM_MAX_RECORD
+        self._decoder = FrameDecoder(self.settings.maxRecordSize)
+        self._pending = {}
+        self._tags = itertools.count(1)
+        self._handshakeTimer = None
+        self._keepaliveTimer = None
+        self._pingOutstanding = False
+        self._idleTimer = None
+        self._closeTimer = None
+        self._closeSent = False
+
+    # -- life -------------------------------------------------------------
+
+    def connectionMade(self):
+        """
+        Send the preamble and HELLO at once and start the handshake clock.
+        """
+        setNoDelay = getattr(self.transport, "setTcpNoDelay", None)
+        if setNoDelay is not None:
+            setNoDelay(True)
+        self.factory.connectionOpened(self)
+        hello = Hello(
+            versionMin=VERSION_MIN,
+            versionMax=VERSION_MAX,
+            capabilities=self.factory.capabilities,
+            maxRecord=self.settings.maxRecordSize,
+            software=self.settings.software,
+        )
+        self.transport.write(PREAMBLE + encodeRecord(hello))
+        self._handshakeTimer = self.clock.callLater(
+            self.settings.handshakeTimeout, self._handshakeTimedOut
+        )
+
+    def connectionLost(self, reason=connectionDone):
+        """
+        Stop every timer and fail every request still waiting for an
+        answer.
+        """
+        self.state = PeerState.CLOSED
+        for timer in (
+            self._handshakeTimer,
+            self._keepaliveTimer,
+            self._idleTimer,
+            self._closeTimer,
+        ):
+            if timer is not None and timer.active():
+                timer.cancel()
+        pending, self._pending = self._pending, {}
+        for deferred in pending.values():
+            deferred.errback(reason)
+        self.factory.connectionClosed(self)
+
+    # -- receiving ----------------------------------------------------------
+
+    def dataReceived(self, data):
+        """
+        Decode and dispatch every complete record; refuse bad input.
+        """
+        if self.state is PeerState.CLOSED:
+            return
+        self._touchKeepalive()
+        try:
+            frames = self._decoder.feed(data)
+        except WireError as e:
+            self._refuse(e.code, str(e), e.tag)
+            return
+        for frame in frames:
+            if self.state is PeerState.CLOSED:
+                return
+            try:
+                record = decodeRecord(frame)
+            except WireError as e:
+                if e.fatal:
+                    self._refuse(e.code, str(e), e.tag)
+                    return
+                self.factory.count("records-refused")
+                self.sendRecord(Error(tag=e.tag, code=e.code, text=str(e)))
+                continue
+            self._dispatch(record)
+
+    def _dispatch(self, record):
+        """
+        Hand a record to the handler that the current state's table names.
+        """
+        table = _STATE_TABLES[self.state]
+        handler = table.get(type(record), table[None])
+        handler(self, record)
+
+    def _handleHello(self, hello):
+        """
+        Negotiate the version; refuse a peer with no common version.
+        """
+        version = negotiateVersion(
+            (VERSION_MIN, VERSION_MAX), (hello.versionMin, hello.versionMax)
+        )
+        if version is None:
+            self._refuse(
+                ErrorCode.VERSION_UNSUPPORTED,
+                f"this server speaks IMX versions {VERSION_MIN} to "
+                f"{VERSION_MAX}; the peer offers {hello.versionMin} to "
+                f"{hello.versionMax}",
+            )
+            return
+        if hello.maxRecord < MINIMUM_MAX_RECORD:
+            self._refuse(
+                ErrorCode.MALFORMED,
+                f"HELLO announces a maximum record of {hello.maxRecord} bytes; "
+                f"at least {MINIMUM_MAX_RECORD} is required",
+            )
+            return
+        self.version = version
+        self.peerHello = hello
+        self.sendLimit = hello.maxRecord
+        self.state = PeerState.OPEN
+        self._handshakeTimer.cancel()
+        self._handshakeTimer = None
+        self._touchKeepalive()
+        self._touchIdle()
+        self.factory.count("handshakes")
+        self.helloDone()
+
+    def helloDone(self):
+        """
+        Called once the HELLO exchange has succeeded.  Subclasses and later
+        layers (dial-back, TLS) start from here.
+        """
+
+    def _handlePing(self, ping):
+        """
+        Answer a PING with a PONG carrying its tag.
+        """
+        self.sendRecord(Pong(tag=ping.tag))
+
+    def _handleResponse(self, response):
+        """
+        Complete the request whose tag the response carries.
+        """
+        deferred = self._pending.pop(response.tag, None)
+        if deferred is None:
+            self.factory.count("unmatched-responses")
+            return
+        if isinstance(response, Error):
+            deferred.errback(RemoteError(response))
+        else:
+            deferred.callback(response)
+
+    def _handleAck(self, ack):
+        """
+        Complete every request that an ACK lists.
+        """
+        for tag in ack.tags:
+            deferred = self._pending.pop(tag, None)
+            if deferred is None:
+                self.factory.count("unmatched-responses")
+            else:
+                deferred.callback(ack)
+
+    def _handleError(self, error):
+        """
+        An ERROR answers a request (tag) or refuses the connection (tag 0).
+        """
+        if error.tag:
+            self._handleResponse(error)
+            return
+        self.log.warn(
+            "peer {peer} reports error {code}: {text}",
+            peer=self._peerName(),
+            code=error.code,
+            text=error.text,
+        )
+        self.factory.count("errors-received")
+
+    def _handleClose(self, close):
+        """
+        The peer is closing in order: answer with CLOSE and disconnect.
+        """
+        if not self._closeSent:
+            self._writeClose(Close())
+        self.state = PeerState.CLOSED
+        self.transport.loseConnection()
+
+    def _handleUnexpected(self, record):
+        """
+        A record that this state does not take: before HELLO nothing but
+        HELLO is allowed.
+        """
+        self._refuse(
+            ErrorCode.BAD_SEQUENCE,
+            f"{type(record).__name__} before HELLO",
+            record.tag,
+        )
+
+    def _handleSecondHello(self, hello):
+        """
+        HELLO is sent once per direction (until a TLS upgrade).
+        """
+        self._refuse(ErrorCode.BAD_SEQUENCE, "HELLO sent twice")
+
+    def _handleOther(self, record):
+        """
+        Records without a handler of their own: unknown types are ignored
+        (counted) unless tagged as requests or flagged must-understand;
+        known types that this connection does not serve are refused.
+        """
+        if record.response:
+            self._handleResponse(record)
+            return
+        if isinstance(record, UnknownRecord):
+            if record.mustUnderstand:
+                self.factory.count("unknown-records-refused")
+                self.sendRecord(
+                    Error(
+                        tag=record.tag,
+                        code=ErrorCode.MUST_UNDERSTAND,
+                        text=f"record type 0x{record.type:04x} is not understood",
+                    )
+                )
+            elif record.isRequest:
+                self.factory.count("unknown-records-refused")
+                self.sendRecord(
+                    Error(
+                        tag=record.tag,
+                        code=ErrorCode.UNSUPPORTED,
+                        text=f"record type 0x{record.type:04x} is not supported",
+                    )
+                )
+            else:
+                self.factory.count("unknown-records-ignored")
+            return
+        self.refuseRecord(record)
+
+    def refuseRecord(self, record):
+        """
+        Refuse a known record that this connection does not (yet) serve.
+        Data before authentication is refused as not authenticated; other
+        records as unsupported.  Untagged records are refused with tag 0.
+        """
+        if self.state is PeerState.CLOSING:
+            code, text = ErrorCode.SHUTTING_DOWN, "this connection is closing"
+        elif record.TYPE >= 0x0100 and record.TYPE < 0x7F00:
+            code = ErrorCode.NOT_AUTHENTICATED
+            text = f"{type(record).__name__} before the domain pair is authenticated"
+        else:
+            code = ErrorCode.UNSUPPORTED
+            text = f"{type(record).__name__} is not served on this connection"
+        self.factory.count("records-refused")
+        self.sendRecord(Error(tag=record.tag, code=code, text=text))
+
+    # -- sending ------------------------------------------------------------
+
+    def sendRecord(self, record):
+        """
+        Write one record.
+
+        @raise EncodeError: the record is invalid or larger than the peer
+            accepts.
+        """
+        data = encodeRecord(record)
+        if len(data) - 12 > self.sendLimit:
+            raise EncodeError(
+                f"{type(record).__name__} of {len(data) - 12} bytes exceeds the "
+                f"peer's limit of {self.sendLimit}"
+            )
+        self.transport.write(data)
+
+    def request(self, record):
+        """
+        Send a request with a fresh tag.
+
+        @param record: a L{Record} whose tag is 0; it is sent with a new tag.
+        @return: a L{Deferred} that fires with the response record (or the
+            L{Ack}), or fails with L{RemoteError} for an ERROR or with the
+            reason the connection was lost.
+        """
+        tag = self._nextTag()
+        deferred = defer.Deferred()
+        self._pending[tag] = deferred
+        self.sendRecord(attrs.evolve(record, tag=tag))
+        return deferred
+
+    def pendingRequests(self):
+        """
+        @return: how many requests on this connection await an answer.
+        """
+        return len(self._pending)
+
+    def _nextTag(self):
+        """
+        @return: a non-zero u32 tag not in use by a pending request.
+        """
+        while True:
+            tag = next(self._tags) & 0xFFFFFFFF
+            if tag and tag not in self._pending:
+                return tag
+            if tag == 0:
+                self._tags = itertools.count(1)
+
+    def close(self, text=None):
+        """
+        Begin an orderly close: send CLOSE, then wait for the peer's CLOSE
+        (at most L{CLOSE_GRACE} seconds) before disconnecting.
+        """
+        if self.state in (PeerState.CLOSING, PeerState.CLOSED):
+            return
+        self.state = PeerState.CLOSING
+        self._writeClose(Close(text=text))
+        self._closeTimer = self.clock.callLater(CLOSE_GRACE, self._abort)
+
+    def _writeClose(self, close):
+        """
+        Write CLOSE once.
+        """
+        self._closeSent = True
+        self.sendRecord(close)
+
+    def noteActivity(self):
+        """
+        Data went in or out: restart the idle clock.  Keepalive traffic does
+        not call this.
+        """
+        self._touchIdle()
+
+    # -- refusing -------------------------------------------------------------
+
+    def _refuse(self, code, text, tag=0):
+        """
+        Send ERROR and close: the connection cannot go on.
+        """
+        if self.state is PeerState.CLOSED:
+            return
+        self.log.info(
+            "refusing peer {peer}: {code} {token}: {text}",
+            peer=self._peerName(),
+            code=int(code),
+            token=ErrorCode(code).token,
+            text=text,
+        )
+        self.factory.count("connections-refused")
+        self.state = PeerState.CLOSED
+        self.transport.write(encodeRecord(Error(tag=tag, code=code, text=text)))
+        self.transport.loseConnection()
+        self._closeTimer = self.clock.callLater(CLOSE_GRACE, self._abort)
+
+    def _abort(self):
+        """
+        The peer did not finish closing in time: drop the connection.
+        """
+        self._closeTimer = None
+        self.transport.abortConnection()
+
+    # -- timers -----------------------------------------------------------------
+
+    def _handshakeTimedOut(self):
+        """
+        HELLO did not complete within the handshake timeout.
+        """
+        self._handshakeTimer = None
+        self._refuse(
+            ErrorCode.TIMEOUT,
+            f"handshake not finished within {self.settings.handshakeTimeout:g} s",
+        )
+
+    def _touchKeepalive(self):
+        """
+        Bytes arrived: the peer is alive; schedule the next PING.
+        """
+        if self.state is not PeerState.OPEN:
+            return
+        self._pingOutstanding = False
+        if self._keepaliveTimer is not None and self._keepaliveTimer.active():
+            self._keepaliveTimer.reset(self.settings.keepaliveInterval)
+        else:
+            self._keepaliveTimer = self.clock.callLater(
+                self.settings.keepaliveInterval, self._keepaliveDue
+            )
+
+    def _keepaliveDue(self):
+        """
+        Silence for a whole interval: PING, or give up if a PING already
+        went unanswered.
+        """
+        self._keepaliveTimer = None
+        if self._pingOutstanding:
+            self._refuse(
+                ErrorCode.TIMEOUT,
+                f"no answer to PING within {self.settings.keepaliveInterval:g} s",
+            )
+            return
+        self._pingOutstanding = True
+        self.request(Ping()).addErrback(lambda failure: None)
+        self._keepaliveTimer = self.clock.callLater(
+            self.settings.keepaliveInterval, self._keepaliveDue
+        )
+
+    def _touchIdle(self):
+        """
+        Restart the idle clock.
+        """
+        if self._idleTimer is not None and self._idleTimer.active():
+            self._idleTimer.reset(self.settings.idleTimeout)
+        else:
+            self._idleTimer = self.clock.callLater(
+                self.settings.idleTimeout, self._idleDue
+            )
+
+    def _idleDue(self):
+        """
+        No Data for the idle timeout: close in order.
+        """
+        self._idleTimer = None
+        self.factory.count("idle-closes")
+        self.close("idle")
+
+    def _peerName(self):
+        """
+        @return: the peer's address for log lines.
+        """
+        try:
+            address = self.transport.getPeer()
+            return f"{address.host}:{address.port}"
+        except Exception:
+            return "?"
+
+
+_OPEN_TABLE = {
+    Hello: PeerProtocol._handleSecondHello,
+    Ping: PeerProtocol._handlePing,
+    Pong: PeerProtocol._handleResponse,
+    Ack: PeerProtocol._handleAck,
+    Error: PeerProtocol._handleError,
+    Close: PeerProtocol._handleClose,
+    None: PeerProtocol._handleOther,
+}
+
+#: The state machine: for each state, the handler of each record class
+#: (C{None}: any other record).
+_STATE_TABLES = {
+    PeerState.AWAITING_HELLO: {
+        Hello: PeerProtocol._handleHello,
+        Error: PeerProtocol._handleError,
+        Close: PeerProtocol._handleClose,
+        None: PeerProtocol._handleUnexpected,
+    },
+    PeerState.OPEN: _OPEN_TABLE,
+    PeerState.CLOSING: _OPEN_TABLE,
+    PeerState.CLOSED: {None: lambda self, record: None},
+}
+
+
+class PeerFactory(Factory):
+    """
+    Builds L{PeerProtocol}s and keeps what they share: settings, clock,
+    capabilities and counters.
+
+    @ivar counters: event counts by name (records refused, unknown records
+        ignored, handshakes, ...), for status and metrics.
+    @ivar connections: the live connections.
+    """
+
+    protocol = PeerProtocol
+
+    def __init__(self, clock, settings, originator=False, capabilities=()):
+        """
+        @param clock: an L{IReactorTime} provider.
+        @param settings: a L{PeerSettings}.
+        @param originator: whether the connections built are outbound.
+        @param capabilities: capability names announced in HELLO.
+        """
+        self.clock = clock
+        self.settings = settings
+        self.originator = originator
+        self.capabilities = tuple(capabilities)
+        self.counters = collections.Counter()
+        self.connections = set()
+
+    def buildProtocol(self, addr):
+        """
+        Make the protocol for one connection.
+        """
+        protocol = self.protocol(self, originator=self.originator)
+        return protocol
+
+    def count(self, name, amount=1):
+        """
+        Add to a named counter.
+        """
+        self.counters[name] += amount
+
+    def connectionOpened(self, protocol):
+        """
+        Note a new live connection.
+        """
+        self.connections.add(protocol)
+        self.count("connections-opened")
+
+    def connectionClosed(self, protocol):
+        """
+        Note that a connection has gone.
+        """
+        self.connections.discard(protocol)

@@ -1,0 +1,581 @@
+"""
+The typed records of IMX protocol v1 and the two functions that turn them
+into bytes and back: L{encodeRecord} and L{decodeRecord}.
+
+Each record class lists its fields once, as L{wireField}s; encoding and
+decoding are driven by that list, so the classes below are the whole
+schema.
+"""
+
+import attrs
+
+from imxd.wire.constants import FIELD_KINDS, FIELD_LENGTHS, Field, Flag, RecordType
+from imxd.wire.errors import EncodeError, MalformedRecord, MustUnderstand
+from imxd.wire.fields import (
+    FIELD_HEADER,
+    decodeValue,
+    encodeValue,
+    isMustUnderstand,
+    iterateFields,
+)
+from imxd.wire.framing import Frame, FrameDecoder, encodeFrame
+
+_WIRE = "imxd.wire"
+
+#: Record classes by type number.
+RECORD_CLASSES = {}
+
+
+@attrs.frozen
+class FieldSpec:
+    """
+    How one attribute of a record class travels on the wire.
+    """
+
+    attribute: str
+    field: Field
+    required: bool
+    repeated: bool
+    lengths: tuple = attrs.field(default=None)
+
+    def __attrs_post_init__(self):
+        object.__setattr__(self, "lengths", FIELD_LENGTHS.get(self.field))
+
+    @property
+    def kind(self):
+        """
+        The field's L{FieldKind}.
+        """
+        return FIELD_KINDS[self.field]
+
+
+def wireField(field, *, required=False, repeated=False):
+    """
+    Declare a record attribute carried in C{field}.
+
+    Required fields have no default; optional ones default to C{None};
+    repeated ones to an empty tuple (a required repeated field must hold at
+    least one value).
+    """
+    metadata = {_WIRE: (field, required, repeated)}
+    if repeated:
+        return attrs.field(default=(), converter=tuple, metadata=metadata)
+    if required:
+        return attrs.field(metadata=metadata)
+    return attrs.field(default=None, metadata=metadata)
+
+
+@attrs.frozen(kw_only=True)
+class Record:
+    """
+    Header values common to every record.
+
+    @ivar tag: 0, or the request's tag (on a request and its response).
+    @ivar response: whether the RESPONSE flag is set.
+    @ivar mustUnderstand: whether the MUST_UNDERSTAND flag is set.
+    """
+
+    TYPE = None
+    ALWAYS_RESPONSE = False
+    FIELDS = ()
+
+    tag: int = 0
+    response: bool = False
+    mustUnderstand: bool = False
+
+    def __attrs_post_init__(self):
+        if self.ALWAYS_RESPONSE and not self.response:
+            object.__setattr__(self, "response", True)
+
+    @property
+    def flags(self):
+        """
+        The header flags word this record is sent with.
+        """
+        flags = 0
+        if self.response or self.ALWAYS_RESPONSE:
+            flags |= Flag.RESPONSE
+        if self.mustUnderstand:
+            flags |= Flag.MUST_UNDERSTAND
+        return flags
+
+
+def record(recordType, alwaysResponse=False):
+    """
+    Class decorator: make an attrs record class for C{recordType} and
+    register it for decoding.
+    """
+
+    def decorate(cls):
+        cls = attrs.frozen(kw_only=True)(cls)
+        cls.TYPE = recordType
+        cls.ALWAYS_RESPONSE = alwaysResponse
+        specs = []
+        for attribute in attrs.fields(cls):
+            wire = attribute.metadata.get(_WIRE)
+            if wire is not None:
+                specs.append(FieldSpec(attribute.name, *wire))
+        cls.FIELDS = tuple(specs)
+        cls._FIELDS_BY_ID = {spec.field: spec for spec in specs}
+        RECORD_CLASSES[recordType] = cls
+        return cls
+
+    return decorate
+
+
+@attrs.frozen(kw_only=True)
+class UnknownRecord(Record):
+    """
+    A record of a type this version does not know, kept undecoded.
+    """
+
+    type: int
+    body: bytes = b""
+
+    @property
+    def isRequest(self):
+        """
+        Whether the sender expects an answer (tagged and not a response).
+        """
+        return self.tag != 0 and not self.response
+
+
+# -- connection records -------------------------------------------------
+
+
+@record(RecordType.HELLO)
+class Hello(Record):
+    """
+    First record in each direction: the versions and capabilities spoken.
+    """
+
+    versionMin: int = wireField(Field.VERSION_MIN, required=True)
+    versionMax: int = wireField(Field.VERSION_MAX, required=True)
+    capabilities: tuple = wireField(Field.CAPABILITY, repeated=True)
+    maxRecord: int = wireField(Field.MAX_RECORD, required=True)
+    software: str = wireField(Field.SOFTWARE)
+    toDomain: str = wireField(Field.TO_DOMAIN)
+
+
+@record(RecordType.PING)
+class Ping(Record):
+    """
+    Keepalive request; answered by L{Pong} with the same tag.
+    """
+
+
+@record(RecordType.PONG, alwaysResponse=True)
+class Pong(Record):
+    """
+    Answer to L{Ping}.
+    """
+
+
+@record(RecordType.CLOSE)
+class Close(Record):
+    """
+    Orderly close: the sender sends no further requests.
+    """
+
+    code: int = wireField(Field.CODE)
+    text: str = wireField(Field.TEXT)
+
+
+@record(RecordType.ERROR, alwaysResponse=True)
+class Error(Record):
+    """
+    A refusal: of the request whose tag it carries, or (tag 0) of the
+    connection or of untagged records.
+    """
+
+    code: int = wireField(Field.CODE, required=True)
+    text: str = wireField(Field.TEXT)
+    retryAfter: int = wireField(Field.RETRY_AFTER)
+    fromDomain: str = wireField(Field.FROM_DOMAIN)
+    toDomain: str = wireField(Field.TO_DOMAIN)
+
+
+@record(RecordType.ACK, alwaysResponse=True)
+class Ack(Record):
+    """
+    Success of every request whose tag it lists.
+    """
+
+    tags: tuple = wireField(Field.ACK_TAGS, required=True)
+
+
+@record(RecordType.REDIRECT)
+class Redirect(Record):
+    """
+    Reconnect to another address (4.4.4).
+    """
+
+    host: str = wireField(Field.HOST, required=True)
+    port: int = wireField(Field.PORT, required=True)
+    text: str = wireField(Field.TEXT)
+    domains: tuple = wireField(Field.TO_DOMAIN, repeated=True)
+
+
+@record(RecordType.STARTTLS)
+class StartTLS(Record):
+    """
+    Request to upgrade the connection to TLS.
+    """
+
+
+@record(RecordType.STARTTLS_PROCEED, alwaysResponse=True)
+class StartTLSProceed(Record):
+    """
+    Consent to L{StartTLS}; the TLS handshake follows at once.
+    """
+
+
+# -- dial-back records ---------------------------------------------------
+
+
+@record(RecordType.DIALBACK_KEY)
+class DialbackKey(Record):
+    """
+    Connection 1, originator to receiver: authenticate this domain pair.
+    """
+
+    fromDomain: str = wireField(Field.FROM_DOMAIN, required=True)
+    toDomain: str = wireField(Field.TO_DOMAIN, required=True)
+    token: bytes = wireField(Field.TOKEN, required=True)
+
+
+@record(RecordType.DIALBACK_VERIFY)
+class DialbackVerify(Record):
+    """
+    Connection 2, receiver to originator: the originator's token and the
+    receiver's secret.
+    """
+
+    fromDomain: str = wireField(Field.FROM_DOMAIN, required=True)
+    toDomain: str = wireField(Field.TO_DOMAIN, required=True)
+    token: bytes = wireField(Field.TOKEN, required=True)
+    secret: bytes = wireField(Field.SECRET, required=True)
+
+
+@record(RecordType.DIALBACK_SECRET)
+class DialbackSecret(Record):
+    """
+    Connection 1, originator to receiver: the secret echoed back.
+    """
+
+    fromDomain: str = wireField(Field.FROM_DOMAIN, required=True)
+    toDomain: str = wireField(Field.TO_DOMAIN, required=True)
+    secret: bytes = wireField(Field.SECRET, required=True)
+
+
+@record(RecordType.DIALBACK_RESULT, alwaysResponse=True)
+class DialbackResult(Record):
+    """
+    Answer to L{DialbackKey}: the pair is authenticated on this connection.
+    """
+
+    fromDomain: str = wireField(Field.FROM_DOMAIN, required=True)
+    toDomain: str = wireField(Field.TO_DOMAIN, required=True)
+
+
+# -- Data records ----------------------------------------------------------
+
+
+@record(RecordType.MESSAGE)
+class Message(Record):
+    """
+    An instant message: the envelope and the undecoded MIME body.
+    """
+
+    sender: str = wireField(Field.FROM, required=True)
+    recipient: str = wireField(Field.TO, required=True)
+    messageId: str = wireField(Field.MESSAGE_ID, required=True)
+    contentType: str = wireField(Field.CONTENT_TYPE, required=True)
+    body: bytes = wireField(Field.BODY, required=True)
+    attributes: tuple = wireField(Field.ATTRIBUTE, repeated=True)
+
+
+@record(RecordType.SUBSCRIBE)
+class Subscribe(Record):
+    """
+    Ask for a presence subscription to C{publisher}.
+    """
+
+    subscriber: str = wireField(Field.FROM, required=True)
+    publisher: str = wireField(Field.TO, required=True)
+    expires: int = wireField(Field.EXPIRES)
+    origin: str = wireField(Field.ORIGIN)
+
+
+@record(RecordType.RENEW)
+class Renew(Record):
+    """
+    Extend a granted subscription.
+    """
+
+    subscriber: str = wireField(Field.FROM, required=True)
+    publisher: str = wireField(Field.TO, required=True)
+    expires: int = wireField(Field.EXPIRES)
+    origin: str = wireField(Field.ORIGIN)
+
+
+@record(RecordType.UNSUBSCRIBE)
+class Unsubscribe(Record):
+    """
+    Cancel a subscription (or a pending request).
+    """
+
+    subscriber: str = wireField(Field.FROM, required=True)
+    publisher: str = wireField(Field.TO, required=True)
+
+
+@record(RecordType.SUBSCRIPTION_STATE)
+class SubscriptionState(Record):
+    """
+    The state of a subscription, sent by the publisher's server: as the
+    response to SUBSCRIBE or RENEW, or later as a request of its own.
+    """
+
+    publisher: str = wireField(Field.FROM, required=True)
+    subscriber: str = wireField(Field.TO, required=True)
+    state: str = wireField(Field.STATE, required=True)
+    expires: int = wireField(Field.EXPIRES)
+    origin: str = wireField(Field.ORIGIN)
+
+
+@record(RecordType.NOTIFY)
+class Notify(Record):
+    """
+    A presence change of C{publisher} for subscribers of one domain.
+    """
+
+    publisher: str = wireField(Field.FROM, required=True)
+    subscribers: tuple = wireField(Field.TO, repeated=True, required=True)
+    presence: str = wireField(Field.PRESENCE, required=True)
+    status: str = wireField(Field.STATUS)
+    attributes: tuple = wireField(Field.ATTRIBUTE, repeated=True)
+
+
+@record(RecordType.USER_ATTRIBUTES_GET)
+class UserAttributesGet(Record):
+    """
+    Ask for named attributes of a user (all visible ones if none named).
+    """
+
+    requester: str = wireField(Field.FROM, required=True)
+    target: str = wireField(Field.TARGET, required=True)
+    names: tuple = wireField(Field.NAME, repeated=True)
+    origin: str = wireField(Field.ORIGIN)
+
+
+@record(RecordType.DOMAIN_ATTRIBUTES_GET)
+class DomainAttributesGet(Record):
+    """
+    Ask for named attributes of a domain (all if none named).
+    """
+
+    requester: str = wireField(Field.FROM, required=True)
+    target: str = wireField(Field.TARGET, required=True)
+    names: tuple = wireField(Field.NAME, repeated=True)
+    origin: str = wireField(Field.ORIGIN)
+
+
+@record(RecordType.ATTRIBUTES, alwaysResponse=True)
+class Attributes(Record):
+    """
+    Answer to an attribute request: C{name=value} strings.
+    """
+
+    target: str = wireField(Field.TARGET, required=True)
+    attributes: tuple = wireField(Field.ATTRIBUTE, repeated=True)
+    ttl: int = wireField(Field.TTL)
+
+
+# -- admin records (admin endpoint only) -----------------------------------
+
+
+@record(RecordType.DRAIN)
+class Drain(Record):
+    """
+    Admin: redirect every peer to C{host}:C{port} and stop taking work.
+    """
+
+    host: str = wireField(Field.HOST, required=True)
+    port: int = wireField(Field.PORT, required=True)
+    text: str = wireField(Field.TEXT)
+
+
+@record(RecordType.STATUS)
+class Status(Record):
+    """
+    Admin: ask for the server's status.
+    """
+
+
+@record(RecordType.STATUS_RESULT, alwaysResponse=True)
+class StatusResult(Record):
+    """
+    Admin: the server's status as C{name=value} strings.
+    """
+
+    attributes: tuple = wireField(Field.ATTRIBUTE, repeated=True)
+
+
+#: Record types that only the admin endpoint accepts.
+ADMIN_TYPES = frozenset(
+    {RecordType.DRAIN, RecordType.STATUS, RecordType.STATUS_RESULT}
+)
+
+
+def encodeBody(record):
+    """
+    Encode a record's fields, in the order its class declares them.
+
+    @return: the record body.
+    @raise EncodeError: a required field is missing or a value does not fit.
+    """
+    parts = []
+    for spec in record.FIELDS:
+        value = getattr(record, spec.attribute)
+        kind = spec.kind
+        identifier = spec.field
+        if spec.repeated and value:
+            for item in value:
+                _appendField(parts, spec, kind, identifier, item)
+        elif value is not None and not spec.repeated:
+            _appendField(parts, spec, kind, identifier, value)
+        elif spec.required:
+            raise EncodeError(
+                f"{type(record).__name__}.{spec.attribute} is required"
+            )
+    return b"".join(parts)
+
+
+def _appendField(parts, spec, kind, identifier, value):
+    """
+    Encode one field value into C{parts}, checking its length bounds.
+    """
+    raw = encodeValue(kind, value, identifier)
+    lengths = spec.lengths
+    if lengths is not None and not lengths[0] <= len(raw) <= lengths[1]:
+        raise EncodeError(
+            f"field {spec.field.name} of {len(raw)} octets is outside "
+            f"{lengths[0]}..{lengths[1]}"
+        )
+    parts.append(FIELD_HEADER.pack(identifier, len(raw)))
+    parts.append(raw)
+
+
+def encodeRecord(record):
+    """
+    Encode a record, header included.
+
+    @param record: a L{Record} (or L{UnknownRecord}).
+    @return: the bytes to write.
+    @raise EncodeError: the record cannot be encoded.
+    """
+    if not 0 <= record.tag <= 0xFFFFFFFF:
+        raise EncodeError(f"tag {record.tag!r} is not a u32")
+    if isinstance(record, UnknownRecord):
+        if not 0 <= record.type <= 0xFFFF:
+            raise EncodeError(f"record type {record.type!r} is not a u16")
+        return encodeFrame(record.type, record.flags, record.tag, record.body)
+    return encodeFrame(record.TYPE, record.flags, record.tag, encodeBody(record))
+
+
+def decodeRecord(frame):
+    """
+    Decode a framed record into its typed form.
+
+    Unknown fields are skipped unless their must-understand bit is set.
+    A record of an unknown type is returned as L{UnknownRecord}: whether to
+    ignore or refuse it is the connection's decision.
+
+    @param frame: a L{Frame}.
+    @return: a L{Record}.
+    @raise MalformedRecord: the body breaks the encoding rules.
+    @raise MustUnderstand: it holds an unknown must-understand field.
+    """
+    recordType, flags, tag, body = frame
+    response = bool(flags & Flag.RESPONSE)
+    mustUnderstand = bool(flags & Flag.MUST_UNDERSTAND)
+    cls = RECORD_CLASSES.get(recordType)
+    if cls is None:
+        return UnknownRecord(
+            type=recordType,
+            body=body,
+            tag=tag,
+            response=response,
+            mustUnderstand=mustUnderstand,
+        )
+    byId = cls._FIELDS_BY_ID
+    values = {}
+    for identifier, raw in iterateFields(body, tag):
+        spec = byId.get(identifier & 0x7FFF)
+        if spec is None:
+            if isMustUnderstand(identifier):
+                raise MustUnderstand(
+                    f"{cls.__name__} carries unknown must-understand field "
+                    f"0x{identifier:04x}",
+                    tag,
+                )
+            continue
+        lengths = spec.lengths
+        if lengths is not None and not lengths[0] <= len(raw) <= lengths[1]:
+            raise MalformedRecord(
+                f"{cls.__name__} field {spec.field.name} has {len(raw)} octets; "
+                f"{lengths[0]} to {lengths[1]} are allowed",
+                tag,
+            )
+        value = decodeValue(spec.kind, raw, identifier, tag)
+        name = spec.attribute
+        if spec.repeated:
+            values.setdefault(name, []).append(value)
+        elif name in values:
+            raise MalformedRecord(
+                f"{cls.__name__} repeats field 0x{spec.field:04x}", tag
+            )
+        else:
+            values[name] = value
+    for spec in cls.FIELDS:
+        if spec.required and spec.attribute not in values:
+            raise MalformedRecord(
+                f"{cls.__name__} lacks required field "
+                f"0x{spec.field:04x} ({spec.field.name})",
+                tag,
+            )
+    return cls(
+        tag=tag,
+        response=response or cls.ALWAYS_RESPONSE,
+        mustUnderstand=mustUnderstand,
+        **values,
+    )
+
+
+def decodeRecords(data, maxRecordSize, expectPreamble=False):
+    """
+    Decode a complete byte string of records (a convenience for tests and
+    tools; connections use L{imxd.wire.framing.FrameDecoder} directly).
+
+    @return: the records, in order.
+    @raise WireError: the bytes are not valid IMX, or end mid-record.
+    """
+    decoder = FrameDecoder(maxRecordSize, expectPreamble=expectPreamble)
+    records = [decodeRecord(frame) for frame in decoder.feed(data)]
+    if decoder.buffered():
+        raise MalformedRecord(
+            f"{decoder.buffered()} bytes of an unfinished record at the end"
+        )
+    return records
+
+
+__all__ = [
+    "Frame",
+    "Record",
+    "UnknownRecord",
+    "RECORD_CLASSES",
+    "ADMIN_TYPES",
+    "encodeRecord",
+    "decodeRecord",
+    "decodeRecords",
+]

@@ -1,0 +1,253 @@
+"""
+Tests for L{imxd.tap}, L{imxd.aggregator} and the twistd dropin.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IServiceMaker
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from imxd.aggregator import Aggregator, VirtualDomain
+from imxd.backend.memory import MemoryBackend
+from imxd.peer import PeerFactory, PeerSettings
+from imxd.tap import Options, makeService
+
+CONFIG = """\
+[server]
+state_dir = "state"
+listen = ["tcp:port=0:interface=127.0.0.1", "tcp:port=0:interface=127.0.0.2"]
+software = "imxd-test"
+
+[server.timeouts]
+handshake = 3
+keepalive = 20
+idle = 90
+
+[server.limits]
+max_record_size = 32768
+
+[[domain]]
+name = "Alpha.test"
+backend = "memory"
+
+[[domain]]
+name = "beta.test"
+backend = "memory"
+"""
+
+
+class TapTestsMixin:
+    """
+    Write a configuration file in a fresh directory.
+    """
+
+    def setUp(self) -> None:
+        self.base = os.path.abspath(self.mktemp())
+        os.makedirs(self.base)
+        self.path = os.path.join(self.base, "imxd.toml")
+        with open(self.path, "w") as f:
+            f.write(CONFIG)
+
+    def options(self, *extra: str) -> Options:
+        options = Options()
+        options.parseOptions(["--config", self.path, *extra])
+        return options
+
+
+class OptionsTests(TapTestsMixin, SynchronousTestCase):
+    """
+    L{Options} reads C{--config} and validates the file it names.
+    """
+
+    def test_config(self) -> None:
+        """
+        C{--config} names the file, which is loaded into C{config}.
+        """
+        options = self.options()
+        self.assertEqual(options["config"], self.path)
+        self.assertEqual(options.config.path, self.path)
+        self.assertEqual(
+            [d.name for d in options.config.domains], ["alpha.test", "beta.test"]
+        )
+
+    def test_shortOption(self) -> None:
+        """
+        C{-c} is the short form of C{--config}.
+        """
+        options = Options()
+        options.parseOptions(["-c", self.path])
+        self.assertEqual(options["config"], self.path)
+
+    def test_default(self) -> None:
+        """
+        The default configuration file is C{etc/imxd.toml}.
+        """
+        self.assertEqual(Options()["config"], "etc/imxd.toml")
+
+    def test_help(self) -> None:
+        """
+        The help text documents C{--config}.
+        """
+        self.assertIn("--config", str(Options()))
+
+    def test_badConfig(self) -> None:
+        """
+        A bad configuration ends the program with one line naming the
+        file, the key and the problem.
+        """
+        with open(self.path, "a") as f:
+            f.write("colour = 'blue'\n")
+        error = self.assertRaises(SystemExit, self.options)
+        message = error.args[0]
+        self.assertEqual(
+            message.split(": ", 3)[:3], ["imxd", self.path, "domain[1].colour"]
+        )
+        self.assertNotIn("\n", message)
+
+    def test_missingConfig(self) -> None:
+        """
+        A missing configuration file ends the program with one line.
+        """
+        options = Options()
+        error = self.assertRaises(
+            SystemExit, options.parseOptions, ["--config", self.path + ".nope"]
+        )
+        self.assertEqual(error.args[0], f"imxd: {self.path}.nope: file not found")
+
+    def test_unknownOption(self) -> None:
+        """
+        An unknown option is a usage error.
+        """
+        self.assertRaises(usage.UsageError, Options().parseOptions, ["--colour"])
+
+
+class MakeServiceTests(TapTestsMixin, SynchronousTestCase):
+    """
+    L{makeService} builds the Aggregator with its domains and listeners.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.reactor = MemoryReactorClock()
+        self.service = makeService(self.options(), self.reactor)
+
+    def test_aggregator(self) -> None:
+        """
+        The service is an L{Aggregator} holding the configuration, with one
+        L{VirtualDomain} child, named after it, per hosted domain.
+        """
+        self.assertIsInstance(self.service, Aggregator)
+        self.assertEqual(self.service.config.path, self.path)
+        self.assertEqual(
+            self.service.hostedDomains(), frozenset({"alpha.test", "beta.test"})
+        )
+        for name in ["alpha.test", "beta.test"]:
+            domain = self.service.getServiceNamed(name)
+            self.assertIsInstance(domain, VirtualDomain)
+            self.assertIs(self.service.domain(name), domain)
+            self.assertEqual(domain.config.name, name)
+            self.assertIsInstance(domain.backend, MemoryBackend)
+            self.assertEqual(domain.backend.domain, name)
+        self.assertIsNone(self.service.domain("gamma.test"))
+        self.assertIsNone(self.service.domain("Alpha.test"))
+
+    def test_listeners(self) -> None:
+        """
+        Each listen endpoint gets a named L{StreamServerEndpointService}
+        child serving one shared L{PeerFactory} whose settings come from
+        the configuration.
+        """
+        listeners = [self.service.getServiceNamed(f"imx-listener-{i}") for i in (0, 1)]
+        for listener in listeners:
+            self.assertIsInstance(listener, StreamServerEndpointService)
+        self.assertIs(listeners[0].factory, listeners[1].factory)
+        factory = listeners[0].factory
+        self.assertIsInstance(factory, PeerFactory)
+        self.assertIs(factory.clock, self.reactor)
+        self.assertEqual(
+            factory.settings,
+            PeerSettings(
+                hostedDomains=frozenset({"alpha.test", "beta.test"}),
+                handshakeTimeout=3.0,
+                keepaliveInterval=20.0,
+                idleTimeout=90.0,
+                maxRecordSize=32768,
+                software="imxd-test",
+            ),
+        )
+        self.assertEqual(len(list(self.service)), 4)
+
+    def test_stateDirectory(self) -> None:
+        """
+        The state directory is created with mode 0700.
+        """
+        state = os.path.join(self.base, "state")
+        self.assertTrue(os.path.isdir(state))
+        self.assertEqual(stat.S_IMODE(os.stat(state).st_mode), 0o700)
+
+    def test_existingStateDirectory(self) -> None:
+        """
+        An existing state directory is kept.
+        """
+        state = os.path.join(self.base, "state")
+        marker = os.path.join(state, "marker")
+        open(marker, "w").close()
+        makeService(self.options(), self.reactor)
+        self.assertTrue(os.path.exists(marker))
+
+    def test_start(self) -> None:
+        """
+        Starting the service listens on every endpoint and logs one line
+        per hosted domain and per listener; stopping it stops listening.
+        """
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.service.privilegedStartService()
+        self.service.startService()
+        self.assertEqual(
+            [(port[0], port[3]) for port in self.reactor.tcpServers],
+            [(0, "127.0.0.1"), (0, "127.0.0.2")],
+        )
+        texts = [formatEvent(e) for e in events if e.get("log_level") == LogLevel.info]
+        self.assertEqual(len([t for t in texts if t.startswith("Hosting ")]), 2)
+        self.assertEqual(
+            len([t for t in texts if t.startswith("imx-listener-")]), 2, texts
+        )
+        self.successResultOf(self.service.stopService())
+        self.assertFalse(self.service.running)
+
+
+class PluginTests(SynchronousTestCase):
+    """
+    The twistd dropin names the tap module.
+    """
+
+    def test_serviceMaker(self) -> None:
+        """
+        C{twisted.plugins.imxd_plugin} has a service maker called C{imxd}
+        that uses L{imxd.tap}.
+        """
+        from twisted.plugins import imxd_plugin
+
+        maker = imxd_plugin.imxd
+        self.assertTrue(IServiceMaker.providedBy(maker))
+        self.assertEqual(maker.tapname, "imxd")
+        self.assertIs(maker.options, Options)
+        self.assertIs(maker.makeService, makeService)
+
+    def test_discovered(self) -> None:
+        """
+        The plugin system finds the C{imxd} service maker.
+        """
+        from twisted import plugin
+
+        names = [maker.tapname for maker in plugin.getPlugins(IServiceMaker)]
+        self.assertIn("imxd", names)
