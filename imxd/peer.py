@@ -603,6 +603,7 @@ class PeerFactory(Factory):
     """
 
     protocol = PeerProtocol
+    noisy = False
 
     def __init__(self, clock, settings, originator=False, capabilities=()):
         """
