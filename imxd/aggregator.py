@@ -63,7 +63,11 @@ class Aggregator(service.MultiService):
     The root service: all hosted domains and the listeners they share.
 
     @ivar config: the L{Config} the Aggregator was built from.
+    @ivar dialbackSecret: the server secret that signs dial-back tokens
+        (set by L{imxd.tap.makeService}), or L{None}.
     """
+
+    dialbackSecret = None
 
     def __init__(self, config: Config) -> None:
         """

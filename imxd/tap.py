@@ -15,6 +15,7 @@ from twisted.python import usage
 
 from imxd.aggregator import Aggregator
 from imxd.config import Config, ConfigError, loadConfig
+from imxd.dialback import DialbackError, loadOrCreateSecret
 
 __all__ = ["Options", "makeService"]
 
@@ -86,7 +87,13 @@ def makeService(options: Options, reactor: Any = None) -> Aggregator:
             f" {server.stateDirectory}: {e.strerror or e}"
         )
 
+    try:
+        dialbackSecret = loadOrCreateSecret(server.dialbackSecretFile)
+    except DialbackError as e:
+        raise SystemExit(f"imxd: {config.path}: server.dialback_secret_file: {e}")
+
     aggregator = Aggregator(config)
+    aggregator.dialbackSecret = dialbackSecret
     settings = PeerSettings(
         hostedDomains=aggregator.hostedDomains(),
         handshakeTimeout=server.timeouts.handshake,

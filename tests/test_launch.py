@@ -85,6 +85,24 @@ class BadConfigTests(LaunchTestsMixin, SynchronousTestCase):
             "file not found",
         )
 
+    def test_exposedDialbackSecret(self) -> None:
+        """
+        A dial-back secret file that others can read stops start-up.
+        """
+        os.makedirs(os.path.join(self.base, "state"))
+        secretFile = os.path.join(self.base, "state", "dialback.secret")
+        with open(secretFile, "w") as f:
+            f.write("00" * 32)
+        os.chmod(secretFile, 0o644)
+        path = self.write("good.toml", GOOD.format(port=5275))
+        result = self.twistd("-n", "--pidfile=", "imxd", "--config", path)
+        self.assertNotEqual(result.returncode, 0)
+        self.assertEqual(
+            result.stdout.strip(),
+            f"imxd: {path}: server.dialback_secret_file: {secretFile}: readable by"
+            " group or others (mode 0644); run chmod 600",
+        )
+
     def test_missingFile(self) -> None:
         """
         A configuration file that does not exist is reported in one line.
@@ -108,6 +126,8 @@ class RunTests(LaunchTestsMixin, SynchronousTestCase):
         port = freePort()
         process = self.startServer(GOOD.format(port=port), port)
         self.assertTrue(os.path.isdir(os.path.join(self.base, "state")))
+        secretFile = os.path.join(self.base, "state", "dialback.secret")
+        self.assertEqual(os.stat(secretFile).st_mode & 0o777, 0o600)
         os.kill(process.pid, signal.SIGTERM)
         output, _ = process.communicate(timeout=WAIT)
         # twistd ends by re-raising the signal it was stopped with.
