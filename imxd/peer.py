@@ -150,6 +150,8 @@ class PeerProtocol(Protocol):
         self._handshakeTimer = None
         self._keepaliveTimer = None
         self._pingOutstanding = False
+        self._lastReceived = 0.0
+        self._lastActivity = 0.0
         self._idleTimer = None
         self._closeTimer = None
         self._closeSent = False
@@ -261,6 +263,12 @@ class PeerProtocol(Protocol):
         self._handshakeTimer = None
         self._touchKeepalive()
         self._touchIdle()
+        self._keepaliveTimer = self.clock.callLater(
+            self.settings.keepaliveInterval, self._keepaliveDue
+        )
+        self._idleTimer = self.clock.callLater(
+            self.settings.idleTimeout, self._idleDue
+        )
         self.factory.count("handshakes")
         self.helloDone()
 
@@ -507,52 +515,61 @@ class PeerProtocol(Protocol):
 
     def _touchKeepalive(self):
         """
-        Bytes arrived: the peer is alive; schedule the next PING.
+        Bytes arrived: the peer is alive.  Only a time stamp is taken here
+        (this runs on every read); the keepalive timer looks at it when it
+        fires.
         """
-        if self.state is not PeerState.OPEN:
-            return
+        self._lastReceived = self.clock.seconds()
         self._pingOutstanding = False
-        if self._keepaliveTimer is not None and self._keepaliveTimer.active():
-            self._keepaliveTimer.reset(self.settings.keepaliveInterval)
-        else:
-            self._keepaliveTimer = self.clock.callLater(
-                self.settings.keepaliveInterval, self._keepaliveDue
-            )
+
+    def _laterThan(self, since, interval, callback):
+        """
+        If C{interval} seconds have not yet passed since C{since}, schedule
+        C{callback} for when they will have.
+
+        @return: the new L{IDelayedCall}, or L{None} if the time is up.
+        """
+        remaining = since + interval - self.clock.seconds()
+        if remaining > 0:
+            return self.clock.callLater(remaining, callback)
+        return None
 
     def _keepaliveDue(self):
         """
-        Silence for a whole interval: PING, or give up if a PING already
-        went unanswered.
+        Check for silence: PING after a whole silent interval, or give up if
+        a PING already went unanswered for one.
         """
-        self._keepaliveTimer = None
+        interval = self.settings.keepaliveInterval
+        self._keepaliveTimer = self._laterThan(
+            self._lastReceived, interval, self._keepaliveDue
+        )
+        if self._keepaliveTimer is not None:
+            return
         if self._pingOutstanding:
             self._refuse(
-                ErrorCode.TIMEOUT,
-                f"no answer to PING within {self.settings.keepaliveInterval:g} s",
+                ErrorCode.TIMEOUT, f"no answer to PING within {interval:g} s"
             )
             return
         self._pingOutstanding = True
         self.request(Ping()).addErrback(lambda failure: None)
-        self._keepaliveTimer = self.clock.callLater(
-            self.settings.keepaliveInterval, self._keepaliveDue
-        )
+        self._keepaliveTimer = self.clock.callLater(interval, self._keepaliveDue)
 
     def _touchIdle(self):
         """
-        Restart the idle clock.
+        Data went in or out: restart the idle clock (a time stamp; the idle
+        timer looks at it when it fires).
         """
-        if self._idleTimer is not None and self._idleTimer.active():
-            self._idleTimer.reset(self.settings.idleTimeout)
-        else:
-            self._idleTimer = self.clock.callLater(
-                self.settings.idleTimeout, self._idleDue
-            )
+        self._lastActivity = self.clock.seconds()
 
     def _idleDue(self):
         """
         No Data for the idle timeout: close in order.
         """
-        self._idleTimer = None
+        self._idleTimer = self._laterThan(
+            self._lastActivity, self.settings.idleTimeout, self._idleDue
+        )
+        if self._idleTimer is not None:
+            return
         self.factory.count("idle-closes")
         self.close("idle")
 

@@ -308,15 +308,10 @@ class Subscribe(Record):
 
 
 @record(RecordType.RENEW)
-class Renew(Record):
+class Renew(Subscribe):
     """
-    Extend a granted subscription.
+    Extend a granted subscription (the fields of L{Subscribe}).
     """
-
-    subscriber: str = wireField(Field.FROM, required=True)
-    publisher: str = wireField(Field.TO, required=True)
-    expires: int = wireField(Field.EXPIRES)
-    origin: str = wireField(Field.ORIGIN)
 
 
 @record(RecordType.UNSUBSCRIBE)
@@ -369,15 +364,11 @@ class UserAttributesGet(Record):
 
 
 @record(RecordType.DOMAIN_ATTRIBUTES_GET)
-class DomainAttributesGet(Record):
+class DomainAttributesGet(UserAttributesGet):
     """
-    Ask for named attributes of a domain (all if none named).
+    Ask for named attributes of a domain (all if none named); C{requester}
+    may be an address or a domain, C{target} is a domain.
     """
-
-    requester: str = wireField(Field.FROM, required=True)
-    target: str = wireField(Field.TARGET, required=True)
-    names: tuple = wireField(Field.NAME, repeated=True)
-    origin: str = wireField(Field.ORIGIN)
 
 
 @record(RecordType.ATTRIBUTES, alwaysResponse=True)
