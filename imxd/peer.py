@@ -360,25 +360,20 @@ class PeerProtocol(Protocol):
             return
         if isinstance(record, UnknownRecord):
             if record.mustUnderstand:
-                self.factory.count("unknown-records-refused")
-                self.sendRecord(
-                    Error(
-                        tag=record.tag,
-                        code=ErrorCode.MUST_UNDERSTAND,
-                        text=f"record type 0x{record.type:04x} is not understood",
-                    )
-                )
+                code, why = ErrorCode.MUST_UNDERSTAND, "understood"
             elif record.isRequest:
-                self.factory.count("unknown-records-refused")
-                self.sendRecord(
-                    Error(
-                        tag=record.tag,
-                        code=ErrorCode.UNSUPPORTED,
-                        text=f"record type 0x{record.type:04x} is not supported",
-                    )
-                )
+                code, why = ErrorCode.UNSUPPORTED, "supported"
             else:
                 self.factory.count("unknown-records-ignored")
+                return
+            self.factory.count("unknown-records-refused")
+            self.sendRecord(
+                Error(
+                    tag=record.tag,
+                    code=code,
+                    text=f"record type 0x{record.type:04x} is not {why}",
+                )
+            )
             return
         self.refuseRecord(record)
 
