@@ -10,6 +10,8 @@ passed in so that tests can fix it.
 import random
 
 import attrs
+from twisted.internet import defer
+from twisted.names import dns, error
 
 from imxd.wire import DEFAULT_PORT
 
@@ -89,3 +91,144 @@ def orderTargets(targets, rng=random):
                     ordered.append(group.pop(index))
                     break
     return ordered
+
+
+class DiscoveryError(Exception):
+    """
+    A domain's IMX servers could not be found (DNS failed or timed out).
+    """
+
+
+@attrs.frozen
+class CachedAnswer:
+    """
+    One discovery result kept for its TTL, for reuse and for operators.
+
+    @ivar targets: the unordered targets, or C{()} for a cached failure.
+    @ivar expiry: when it stops being used (clock seconds).
+    @ivar source: C{"srv"}, C{"fallback"}, C{"override"} or C{"failure"}.
+    @ivar reason: why discovery failed, for a cached failure.
+    """
+
+    targets: tuple
+    expiry: float
+    source: str
+    reason: str = ""
+
+
+class Discovery:
+    """
+    Find the servers of a remote domain: static overrides from the
+    configuration first, then C{_imx._tcp} SRV records, then the domain
+    itself on the default port.  Answers are cached for their DNS TTL
+    (capped), failures briefly; the cache can be listed and flushed.
+    """
+
+    def __init__(
+        self, resolver, clock, overrides=None, failureTTL=30.0, maxTTL=3600.0, rng=random
+    ):
+        """
+        @param resolver: an L{twisted.internet.interfaces.IResolver}
+            (C{twisted.names.client.createResolver(servers=...)}).
+        @param clock: an L{IReactorTime} provider.
+        @param overrides: domain → L{Target} for private peering.
+        @param failureTTL: seconds a failed look-up (or an answer with no
+            SRV records) is remembered.
+        @param maxTTL: the longest an answer is kept, whatever its TTL.
+        @param rng: source of randomness for L{orderTargets}.
+        """
+        self._resolver = resolver
+        self._clock = clock
+        self._overrides = dict(overrides or {})
+        self._failureTTL = failureTTL
+        self._maxTTL = maxTTL
+        self._rng = rng
+        self._cache = {}
+
+    def targets(self, domain):
+        """
+        @param domain: a canonical domain name.
+        @return: a L{Deferred} firing with the L{Target}s to try, in order,
+            or failing with L{DiscoveryError} or L{NoService}.
+        """
+        override = self._overrides.get(domain)
+        if override is not None:
+            return defer.succeed([override])
+        cached = self._cache.get(domain)
+        if cached is not None and cached.expiry > self._clock.seconds():
+            return defer.maybeDeferred(self._answer, domain, cached)
+        lookup = self._resolver.lookupService(srvName(domain))
+        lookup.addCallbacks(
+            lambda result: self._remember(domain, result),
+            lambda failure: self._failed(domain, failure),
+        )
+        return lookup.addCallback(lambda answer: self._answer(domain, answer))
+
+    def cached(self):
+        """
+        @return: C{{domain: CachedAnswer}} for every answer still in use.
+        """
+        now = self._clock.seconds()
+        return {d: a for d, a in self._cache.items() if a.expiry > now}
+
+    def flush(self, domain=None):
+        """
+        Forget the cached answer for C{domain}, or every one.
+        """
+        if domain is None:
+            self._cache.clear()
+        else:
+            self._cache.pop(domain, None)
+
+    def _remember(self, domain, result):
+        """
+        Cache the SRV answer (or the fallback when there is none).
+        """
+        answers = [rr for rr in result[0] if rr.type == dns.SRV]
+        now = self._clock.seconds()
+        if not answers:
+            answer = CachedAnswer(
+                tuple(fallbackTargets(domain)), now + self._failureTTL, "fallback"
+            )
+        else:
+            ttl = min(min(rr.ttl for rr in answers), self._maxTTL)
+            answer = CachedAnswer(
+                tuple(
+                    Target(
+                        rr.payload.target.name.decode("ascii").rstrip(".") or ".",
+                        rr.payload.port,
+                        rr.payload.priority,
+                        rr.payload.weight,
+                    )
+                    for rr in answers
+                ),
+                now + ttl,
+                "srv",
+            )
+        self._cache[domain] = answer
+        return answer
+
+    def _failed(self, domain, failure):
+        """
+        No such name means no SRV records: fall back.  Anything else
+        (timeout, refused, server failure) is a failure, cached briefly.
+        """
+        if failure.check(error.DNSNameError):
+            return self._remember(domain, ([], [], []))
+        answer = CachedAnswer(
+            (),
+            self._clock.seconds() + self._failureTTL,
+            "failure",
+            f"DNS look-up of {srvName(domain)} failed: "
+            f"{failure.type.__name__} {failure.getErrorMessage()}",
+        )
+        self._cache[domain] = answer
+        return answer
+
+    def _answer(self, domain, answer):
+        """
+        Turn a cached answer into the order to try, or its failure.
+        """
+        if answer.source == "failure":
+            raise DiscoveryError(answer.reason)
+        return orderTargets(answer.targets, self._rng)

@@ -5,9 +5,14 @@ Tests for L{imxd.discovery}: the order in which SRV targets are tried.
 import collections
 import random
 
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.names import dns, error
 from twisted.trial.unittest import SynchronousTestCase
 
 from imxd.discovery import (
+    Discovery,
+    DiscoveryError,
     NoService,
     Target,
     fallbackTargets,
@@ -122,3 +127,130 @@ class NameTests(SynchronousTestCase):
         Without SRV records the domain itself is tried on port 5275.
         """
         self.assertEqual(fallbackTargets("a.example"), [Target("a.example", 5275)])
+
+
+class FakeResolver:
+    """
+    Answers C{lookupService} from a table, and counts the look-ups.
+    """
+
+    def __init__(self):
+        self.answers = {}
+        self.lookups = []
+
+    def lookupService(self, name):
+        self.lookups.append(name)
+        answer = self.answers[name]
+        if isinstance(answer, Exception):
+            return defer.fail(answer)
+        return defer.succeed((answer, [], []))
+
+
+def srv(target, port, ttl=300, priority=0, weight=0):
+    """
+    @return: an SRV answer record.
+    """
+    return dns.RRHeader(
+        b"_imx._tcp.b.example",
+        dns.SRV,
+        ttl=ttl,
+        payload=dns.Record_SRV(priority, weight, port, target, ttl=ttl),
+    )
+
+
+class DiscoveryTests(SynchronousTestCase):
+    """
+    L{Discovery}: overrides, SRV, fallback, caching and failures.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.resolver = FakeResolver()
+        self.discovery = Discovery(
+            self.resolver,
+            self.clock,
+            overrides={"partner.example": Target("127.0.0.5", 5275)},
+            failureTTL=30,
+        )
+
+    def test_override(self):
+        """
+        A configured peer override replaces DNS entirely.
+        """
+        self.assertEqual(
+            self.successResultOf(self.discovery.targets("partner.example")),
+            [Target("127.0.0.5", 5275)],
+        )
+        self.assertEqual(self.resolver.lookups, [])
+
+    def test_srvCachedForItsTTL(self):
+        """
+        SRV targets are returned in priority order and the answer is reused
+        until its TTL (the smallest of the records') runs out.
+        """
+        self.resolver.answers["_imx._tcp.b.example"] = [
+            srv(b"two.b.example", 6000, ttl=300, priority=20),
+            srv(b"one.b.example", 5275, ttl=100, priority=10),
+        ]
+        first = self.successResultOf(self.discovery.targets("b.example"))
+        self.assertEqual(
+            [(t.host, t.port) for t in first],
+            [("one.b.example", 5275), ("two.b.example", 6000)],
+        )
+        self.clock.advance(99)
+        self.successResultOf(self.discovery.targets("b.example"))
+        self.assertEqual(len(self.resolver.lookups), 1)
+        self.assertEqual(self.discovery.cached()["b.example"].source, "srv")
+        self.clock.advance(2)
+        self.successResultOf(self.discovery.targets("b.example"))
+        self.assertEqual(len(self.resolver.lookups), 2)
+
+    def test_noSuchName(self):
+        """
+        NXDOMAIN for the SRV name falls back to the domain on port 5275.
+        """
+        self.resolver.answers["_imx._tcp.b.example"] = error.DNSNameError()
+        self.assertEqual(
+            self.successResultOf(self.discovery.targets("b.example")),
+            [Target("b.example", 5275)],
+        )
+        self.assertEqual(self.discovery.cached()["b.example"].source, "fallback")
+
+    def test_failureCachedBriefly(self):
+        """
+        A DNS timeout fails with a reason an operator can read, is not
+        asked again for the failure TTL, and is retried after it.
+        """
+        self.resolver.answers["_imx._tcp.b.example"] = error.DNSQueryTimeoutError(5)
+        failure = self.failureResultOf(
+            self.discovery.targets("b.example"), DiscoveryError
+        )
+        self.assertIn("_imx._tcp.b.example", str(failure.value))
+        self.assertIn("DNSQueryTimeoutError", str(failure.value))
+        self.failureResultOf(self.discovery.targets("b.example"), DiscoveryError)
+        self.assertEqual(len(self.resolver.lookups), 1)
+        self.clock.advance(31)
+        self.resolver.answers["_imx._tcp.b.example"] = [srv(b"one.b.example", 5275)]
+        self.assertEqual(
+            len(self.successResultOf(self.discovery.targets("b.example"))), 1
+        )
+
+    def test_noService(self):
+        """
+        An SRV answer of '.' means no IMX service.
+        """
+        self.resolver.answers["_imx._tcp.b.example"] = [srv(b".", 0)]
+        self.failureResultOf(self.discovery.targets("b.example"), NoService)
+
+    def test_flush(self):
+        """
+        Flushing forgets one domain's answer, or all of them.
+        """
+        self.resolver.answers["_imx._tcp.b.example"] = [srv(b"one.b.example", 5275)]
+        self.resolver.answers["_imx._tcp.c.example"] = error.DNSNameError()
+        self.successResultOf(self.discovery.targets("b.example"))
+        self.successResultOf(self.discovery.targets("c.example"))
+        self.discovery.flush("b.example")
+        self.assertEqual(list(self.discovery.cached()), ["c.example"])
+        self.discovery.flush()
+        self.assertEqual(self.discovery.cached(), {})
