@@ -23,6 +23,7 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 
 from imxd.wire import (
+    DATA_TYPES,
     MINIMUM_MAX_RECORD,
     PREAMBLE,
     VERSION_MAX,
@@ -385,7 +386,7 @@ class PeerProtocol(Protocol):
         """
         if self.state is PeerState.CLOSING:
             code, text = ErrorCode.SHUTTING_DOWN, "this connection is closing"
-        elif record.TYPE >= 0x0100 and record.TYPE < 0x7F00:
+        elif record.TYPE in DATA_TYPES:
             code = ErrorCode.NOT_AUTHENTICATED
             text = f"{type(record).__name__} before the domain pair is authenticated"
         else:

@@ -29,6 +29,7 @@ from imxd.wire.errors import (
 from imxd.wire.framing import HEADER_SIZE, Frame, FrameDecoder, encodeFrame
 from imxd.wire.records import (
     ADMIN_TYPES,
+    DATA_TYPES,
     RECORD_CLASSES,
     Ack,
     Attributes,

@@ -412,6 +412,20 @@ class StatusResult(Record):
     attributes: tuple = wireField(Field.ATTRIBUTE, repeated=True)
 
 
+#: Data record types (section 12): requests that need an authenticated pair.
+DATA_TYPES = frozenset(
+    {
+        RecordType.MESSAGE,
+        RecordType.SUBSCRIBE,
+        RecordType.RENEW,
+        RecordType.UNSUBSCRIBE,
+        RecordType.SUBSCRIPTION_STATE,
+        RecordType.NOTIFY,
+        RecordType.USER_ATTRIBUTES_GET,
+        RecordType.DOMAIN_ATTRIBUTES_GET,
+    }
+)
+
 #: Record types that only the admin endpoint accepts.
 ADMIN_TYPES = frozenset(
     {RecordType.DRAIN, RecordType.STATUS, RecordType.STATUS_RESULT}
@@ -566,6 +580,7 @@ __all__ = [
     "UnknownRecord",
     "RECORD_CLASSES",
     "ADMIN_TYPES",
+    "DATA_TYPES",
     "encodeRecord",
     "decodeRecord",
     "decodeRecords",
