@@ -63,20 +63,21 @@ class Aggregator(service.MultiService):
     The root service: all hosted domains and the listeners they share.
 
     @ivar config: the L{Config} the Aggregator was built from.
-    @ivar dialbackSecret: the server secret that signs dial-back tokens
-        (set by L{imxd.tap.makeService}), or L{None}.
+    @ivar dialbackSecret: the server secret that signs dial-back tokens, or
+        L{None}.
     """
 
-    dialbackSecret = None
-
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, dialbackSecret: Optional[bytes] = None) -> None:
         """
         Add one L{VirtualDomain} child per hosted domain.
 
         @param config: the validated configuration.
+        @param dialbackSecret: the server secret
+            (L{imxd.dialback.loadOrCreateSecret}), if dial-back is to run.
         """
         super().__init__()
         self.config = config
+        self.dialbackSecret = dialbackSecret
         self._domains: dict[str, VirtualDomain] = {}
         for domainConfig in config.domains:
             virtualDomain = VirtualDomain(domainConfig)

@@ -1,10 +1,9 @@
 """
-Server discovery (draft 4.2.3, C{docs/protocol.md} section 1): the order in
-which to try the targets of a domain's C{_imx._tcp} SRV records.
-
-Pure: the DNS look-up and the connection attempts live elsewhere; this
-module only orders what DNS answered, as RFC 2782 says, with randomness
-passed in so that tests can fix it.
+Server discovery (draft 4.2.3, C{docs/protocol.md} section 1): find a
+domain's IMX servers through its C{_imx._tcp} SRV records (L{Discovery},
+over an injected resolver and clock, with a TTL cache) and order them for
+trying as RFC 2782 says (L{orderTargets}, with randomness passed in so that
+tests can fix it).  Connecting to the targets lives elsewhere.
 """
 
 import random
@@ -36,6 +35,13 @@ class Target:
     port: int
     priority: int = 0
     weight: int = 0
+
+
+def _isNoService(target):
+    """
+    @return: whether an SRV target is C{.}, the "no service here" mark.
+    """
+    return target.host in (".", "")
 
 
 def srvName(domain):
@@ -70,11 +76,13 @@ def orderTargets(targets, rng=random):
     @raise NoService: the answer is the single target C{.}.
     """
     targets = list(targets)
-    if len(targets) == 1 and targets[0].host in (".", ""):
+    if len(targets) == 1 and _isNoService(targets[0]):
         raise NoService("the domain publishes no IMX service (SRV target '.')")
     ordered = []
     for priority in sorted({t.priority for t in targets}):
-        group = [t for t in targets if t.priority == priority and t.host not in (".", "")]
+        group = [
+            t for t in targets if t.priority == priority and not _isNoService(t)
+        ]
         # Shuffle, so that targets of equal weight (zero included) come in
         # random order; then, as RFC 2782 says, zero-weight targets first
         # (the sort is stable), so that they are drawn only on a 0 or when

@@ -92,8 +92,7 @@ def makeService(options: Options, reactor: Any = None) -> Aggregator:
     except DialbackError as e:
         raise SystemExit(f"imxd: {config.path}: server.dialback_secret_file: {e}")
 
-    aggregator = Aggregator(config)
-    aggregator.dialbackSecret = dialbackSecret
+    aggregator = Aggregator(config, dialbackSecret)
     settings = PeerSettings(
         hostedDomains=aggregator.hostedDomains(),
         handshakeTimeout=server.timeouts.handshake,
