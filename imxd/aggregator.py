@@ -2,8 +2,8 @@
 The Aggregator: the root service of an imxd process, and one
 L{VirtualDomain} per hosted domain.
 
-The listeners are added by L{imxd.tap.makeService}; the router, outbound
-pools and store join the Aggregator in later work.
+The listeners, the federation (peer connections, outbound pool) and the
+router are attached by L{imxd.tap.makeService}.
 """
 
 from __future__ import annotations
@@ -14,7 +14,11 @@ from twisted.application import service
 from twisted.logger import Logger
 
 from imxd.backend import lookupBackend
+from twisted.internet.defer import Deferred, fail
+
 from imxd.config import Config, DomainConfig
+from imxd.peer import Refused
+from imxd.wire import ErrorCode, Message
 
 __all__ = ["VirtualDomain", "Aggregator"]
 
@@ -47,12 +51,37 @@ class VirtualDomain(service.Service):
         Start serving the domain; logs one line.
         """
         super().startService()
+        self.backend.start(self)
         self._log.info(
             "Hosting {domain} (backend {backend}, TLS {tls})",
             domain=self.config.name,
             backend=self.config.backend,
             tls=self.config.policy.tls,
         )
+
+    def stopService(self):
+        """
+        Stop the backend.
+        """
+        super().stopService()
+        return self.backend.stop()
+
+    def sendMessage(self, message: Message) -> Deferred:
+        """
+        Route a message from a user of this domain: to another hosted domain
+        in process, or to the remote domain's server.
+
+        @param message: an L{imxd.wire.Message} (tag 0) whose sender is an
+            address of this domain.
+        @return: a L{Deferred} firing with the receiving server's answer
+            once it has accepted the message, or failing with
+            L{imxd.peer.Refused} (C{sender-mismatch} if the sender is not of
+            this domain).
+        """
+        router = self.parent.router if self.parent is not None else None
+        if router is None:
+            return fail(Refused(ErrorCode.SHUTTING_DOWN, "imxd is not routing"))
+        return router.send(message, self.name)
 
     def __repr__(self) -> str:
         return f"<VirtualDomain {self.config.name} backend={self.config.backend}>"
@@ -65,6 +94,9 @@ class Aggregator(service.MultiService):
     @ivar config: the L{Config} the Aggregator was built from.
     @ivar dialbackSecret: the server secret that signs dial-back tokens, or
         L{None}.
+    @ivar federation: the L{imxd.federation.Federation}, once attached.
+    @ivar router: the L{imxd.router.Router} hosted domains send through,
+        once attached.
     """
 
     def __init__(self, config: Config, dialbackSecret: Optional[bytes] = None) -> None:
@@ -78,11 +110,23 @@ class Aggregator(service.MultiService):
         super().__init__()
         self.config = config
         self.dialbackSecret = dialbackSecret
+        self.federation = None
+        self.router = None
         self._domains: dict[str, VirtualDomain] = {}
         for domainConfig in config.domains:
             virtualDomain = VirtualDomain(domainConfig)
             virtualDomain.setServiceParent(self)
             self._domains[domainConfig.name] = virtualDomain
+
+    def attachFederation(self, federation) -> None:
+        """
+        Route through C{federation} from now on.
+
+        @param federation: the L{imxd.federation.Federation} serving this
+            process's peer connections.
+        """
+        self.federation = federation
+        self.router = federation.router
 
     def domain(self, name: str) -> Optional[VirtualDomain]:
         """

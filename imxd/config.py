@@ -84,12 +84,14 @@ class TimeoutsConfig:
     @ivar dialback: for one dial-back to complete.
     @ivar idle: without Data before an orderly close.
     @ivar keepalive: of silence before a PING is sent.
+    @ivar connect: for one outbound TCP connect to one target.
     """
 
     handshake: float = 10.0
     dialback: float = 15.0
     idle: float = 600.0
     keepalive: float = 60.0
+    connect: float = 10.0
 
 
 @attrs.frozen
@@ -123,6 +125,7 @@ class ServerConfig:
 
     @ivar stateDirectory: absolute path of the state directory.
     @ivar dialbackSecretFile: absolute path of the dial-back secret.
+    @ivar adminSocket: absolute path of the admin endpoint's UNIX socket.
     @ivar listen: Twisted server endpoint descriptions, at least one.
     @ivar dnsServers: C{(ip, port)} pairs; empty means the system resolver.
     @ivar software: product token announced in HELLO.
@@ -132,6 +135,7 @@ class ServerConfig:
 
     stateDirectory: str
     dialbackSecretFile: str
+    adminSocket: str
     listen: tuple[str, ...]
     dnsServers: tuple[tuple[str, int], ...]
     software: str
@@ -628,7 +632,16 @@ def _finishServer(values: dict, where: _Where) -> dict:
         parent = os.path.dirname(secret)
         if parent != state and not os.path.isdir(parent):
             raise here.error(f"its directory does not exist: {parent}")
-    return {**values, "dialbackSecretFile": secret}
+    admin = values["adminSocket"]
+    if admin is None:
+        admin = os.path.join(state, "admin.sock")
+    else:
+        parent = os.path.dirname(admin)
+        if parent != state and not os.path.isdir(parent):
+            raise where.child("admin_socket").error(
+                f"its directory does not exist: {parent}"
+            )
+    return {**values, "dialbackSecretFile": secret, "adminSocket": admin}
 
 
 def _finishDomain(values: dict, where: _Where) -> dict:
@@ -641,7 +654,9 @@ def _finishDomain(values: dict, where: _Where) -> dict:
             "'required' needs certificate and key for this domain"
         )
     try:
-        options = validateBackendOptions(values["backend"], values["backendOptions"])
+        options = validateBackendOptions(
+            values["backend"], values["backendOptions"], where.baseDirectory
+        )
     except ValueError as e:
         raise where.child("backend_options").error(str(e)) from None
     return {**values, "backendOptions": MappingProxyType(dict(options))}
@@ -669,6 +684,7 @@ _TIMEOUTS = _table(
     _Key("dialback", "dialback", _positiveNumber, 15.0),
     _Key("idle", "idle", _positiveNumber, 600.0),
     _Key("keepalive", "keepalive", _positiveNumber, 60.0),
+    _Key("connect", "connect", _positiveNumber, 10.0),
 )
 
 _LIMITS = _table(
@@ -690,6 +706,7 @@ _SERVER = _table(
     ServerConfig,
     _Key("state_dir", "stateDirectory", _stateDirectory, "state"),
     _Key("dialback_secret_file", "dialbackSecretFile", _optionalPath, ""),
+    _Key("admin_socket", "adminSocket", _optionalPath, ""),
     _Key(
         "listen",
         "listen",

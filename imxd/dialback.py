@@ -250,6 +250,13 @@ class DialbackSecrets:
             self._drop(key)
         return len(stale)
 
+    def withdraw(self, connection, pair):
+        """
+        Forget the secret coined for C{pair} on C{connection}, if any (its
+        dial-back failed or timed out).
+        """
+        self._drop((connection, pair))
+
     def forgetConnection(self, connection):
         """
         Drop every secret of a connection that has closed.

@@ -81,20 +81,21 @@ class PeerState(enum.Enum):
     CLOSED = "closed"
 
 
-class RemoteError(Exception):
+class Refused(Exception):
     """
-    The peer answered a request with ERROR.
+    A request was refused, here or by a peer, with an ERROR code.
 
-    @ivar code: the ERROR code.
-    @ivar text: the peer's explanation, or C{None}.
-    @ivar retryAfter: seconds the peer asked us to wait, or C{None}.
+    @ivar code: the ERROR code (L{ErrorCode}).
+    @ivar text: the explanation, or C{None}.
+    @ivar retryAfter: seconds to wait before trying again, or C{None}.
     """
 
-    def __init__(self, error):
-        super().__init__(f"{error.code} {error.text or ''}".strip())
-        self.code = error.code
-        self.text = error.text
-        self.retryAfter = error.retryAfter
+    def __init__(self, code, text=None, retryAfter=None):
+        token = ErrorCode(code).token if code in _CODES else "unknown"
+        super().__init__(f"{int(code)} {token}: {text or ''}".rstrip(": "))
+        self.code = int(code)
+        self.text = text
+        self.retryAfter = retryAfter
 
     @property
     def temporary(self):
@@ -102,6 +103,24 @@ class RemoteError(Exception):
         Whether the request may succeed if tried again later.
         """
         return 400 <= self.code <= 499
+
+    def toError(self, tag=0):
+        """
+        @return: the L{Error} record that reports this refusal.
+        """
+        return Error(tag=tag, code=self.code, text=self.text, retryAfter=self.retryAfter)
+
+
+_CODES = frozenset(int(code) for code in ErrorCode)
+
+
+class RemoteError(Refused):
+    """
+    The peer answered a request with ERROR.
+    """
+
+    def __init__(self, error):
+        super().__init__(error.code, error.text, error.retryAfter)
 
 
 def negotiateVersion(ours, theirs):
@@ -167,16 +186,21 @@ class PeerProtocol(Protocol):
         if setNoDelay is not None:
             setNoDelay(True)
         self.factory.connectionOpened(self)
-        hello = Hello(
+        self.transport.write(PREAMBLE + encodeRecord(self.helloRecord()))
+        self._handshakeTimer = self.clock.callLater(
+            self.settings.handshakeTimeout, self._handshakeTimedOut
+        )
+
+    def helloRecord(self):
+        """
+        @return: the L{Hello} this side sends; subclasses add to it.
+        """
+        return Hello(
             versionMin=VERSION_MIN,
             versionMax=VERSION_MAX,
             capabilities=self.factory.capabilities,
             maxRecord=self.settings.maxRecordSize,
             software=self.settings.software,
-        )
-        self.transport.write(PREAMBLE + encodeRecord(hello))
-        self._handshakeTimer = self.clock.callLater(
-            self.settings.handshakeTimeout, self._handshakeTimedOut
         )
 
     def connectionLost(self, reason=connectionDone):
@@ -230,7 +254,7 @@ class PeerProtocol(Protocol):
         """
         Hand a record to the handler that the current state's table names.
         """
-        table = _STATE_TABLES[self.state]
+        table = self.stateTables[self.state]
         handler = table.get(type(record), table[None])
         handler(self, record)
 
@@ -603,6 +627,9 @@ _STATE_TABLES = {
     PeerState.CLOSING: _OPEN_TABLE,
     PeerState.CLOSED: {None: lambda self, record: None},
 }
+
+
+PeerProtocol.stateTables = _STATE_TABLES
 
 
 class PeerFactory(Factory):

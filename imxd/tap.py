@@ -5,6 +5,7 @@ The C{twistd imxd} command: its options and the service it runs.
 from __future__ import annotations
 
 import os
+import socket
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
@@ -68,12 +69,17 @@ def makeService(options: Options, reactor: Any = None) -> Aggregator:
         their clock; the global reactor when L{None} (as twistd calls it).
     @return: the L{Aggregator}.
     """
-    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
 
     if reactor is None:
         from twisted.internet import reactor
 
-    from imxd.peer import PeerFactory, PeerSettings
+    from imxd.admin import AdminFactory
+    from imxd.dialback import DialbackSecrets, DialbackTokens
+    from imxd.discovery import Discovery, Target
+    from imxd.federation import Federation
+    from imxd.peer import PeerSettings
+    from imxd.pool import tcpConnector
 
     config = options.config
     server = config.server
@@ -101,14 +107,89 @@ def makeService(options: Options, reactor: Any = None) -> Aggregator:
         maxRecordSize=server.limits.maxRecordSize,
         software=server.software,
     )
-    factory = PeerFactory(reactor, settings)
+    resolver = makeResolver(reactor, server.dnsServers)
+    discovery = Discovery(
+        resolver,
+        reactor,
+        overrides={p.domain: Target(p.host, p.port) for p in config.peers},
+    )
+    federation = Federation(
+        reactor,
+        settings,
+        aggregator,
+        DialbackTokens(dialbackSecret, nodeName()),
+        DialbackSecrets(lifetime=server.timeouts.dialback),
+        discovery,
+        tcpConnector(reactor, resolver, server.timeouts.connect),
+        server.limits,
+        dialbackTimeout=server.timeouts.dialback,
+    )
+    aggregator.attachFederation(federation)
     for index, description in enumerate(server.listen):
         listener = _ListenerService(
-            serverFromString(reactor, description), factory, description
+            serverFromString(reactor, description), federation, description
         )
         listener.setName(f"imx-listener-{index}")
         listener.setServiceParent(aggregator)
+    admin = _ListenerService(
+        UNIXServerEndpoint(
+            reactor, socketPath(config), mode=0o600, wantPID=True
+        ),
+        AdminFactory(reactor, settings, aggregator),
+        f"unix:{server.adminSocket}",
+    )
+    admin.setName("admin")
+    admin.setServiceParent(aggregator)
     return aggregator
+
+
+def makeResolver(reactor: Any, servers: tuple) -> Any:
+    """
+    The resolver discovery and the pool use: C{/etc/hosts}, then the
+    configured DNS servers, or the system's (C{/etc/resolv.conf}) when none
+    are configured.
+
+    @param servers: C{(ip, port)} pairs from C{server.dns_servers}.
+    """
+    from twisted.names import client, hosts, resolve
+
+    if servers:
+        dns = client.Resolver(servers=list(servers), reactor=reactor)
+    else:
+        dns = client.Resolver(resolv="/etc/resolv.conf", reactor=reactor)
+    return resolve.ResolverChain([hosts.Resolver(), dns])
+
+
+#: The longest path a UNIX socket address holds on common systems.
+UNIX_PATH_MAX = 107
+
+
+def socketPath(config: Config) -> str:
+    """
+    The admin socket's path as the server binds it: absolute, or relative
+    to the current directory when the absolute path is longer than a UNIX
+    socket address holds.
+
+    @raise SystemExit: neither form is short enough.
+    """
+    path = config.server.adminSocket
+    if len(os.fsencode(path)) <= UNIX_PATH_MAX:
+        return path
+    relative = os.path.relpath(path)
+    if len(os.fsencode(relative)) <= UNIX_PATH_MAX:
+        return relative
+    raise SystemExit(
+        f"imxd: {config.path}: server.admin_socket: path longer than a UNIX "
+        f"socket allows ({UNIX_PATH_MAX} bytes): {path}"
+    )
+
+
+def nodeName() -> str:
+    """
+    @return: this process's name in the dial-back tokens it issues: host
+        name and process id.
+    """
+    return f"{socket.gethostname()[:200]}/{os.getpid()}"
 
 
 class _ListenerService(StreamServerEndpointService):

@@ -134,10 +134,11 @@ class ValidConfigTests(ConfigTestsMixin, SynchronousTestCase):
                 server=ServerConfig(
                     stateDirectory=state,
                     dialbackSecretFile=os.path.join(state, "dialback.secret"),
+                    adminSocket=os.path.join(state, "admin.sock"),
                     listen=("tcp:port=5275:interface=127.0.0.1",),
                     dnsServers=(),
                     software="imxd",
-                    timeouts=TimeoutsConfig(10.0, 15.0, 600.0, 60.0),
+                    timeouts=TimeoutsConfig(10.0, 15.0, 600.0, 60.0, 10.0),
                     limits=LimitsConfig(65536, 1000, 16, 4, 8, 2),
                 ),
                 domains=(

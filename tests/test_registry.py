@@ -20,7 +20,7 @@ from imxd.backend.memory import MemoryBackend
 from imxd.config import DomainConfig, PolicyConfig
 
 
-def _validateColour(options):
+def _validateColour(options, baseDirectory="."):
     unknown = set(options) - {"colour"}
     if unknown:
         raise ValueError(f"unknown option {sorted(unknown)[0]!r}")

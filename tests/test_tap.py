@@ -17,6 +17,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from imxd.aggregator import Aggregator, VirtualDomain
 from imxd.backend.memory import MemoryBackend
 from imxd.peer import PeerFactory, PeerSettings
+from imxd.admin import AdminFactory
+from imxd.federation import Federation
 from imxd.tap import Options, makeService
 
 CONFIG = """\
@@ -161,8 +163,8 @@ class MakeServiceTests(TapTestsMixin, SynchronousTestCase):
     def test_listeners(self) -> None:
         """
         Each listen endpoint gets a named L{StreamServerEndpointService}
-        child serving one shared L{PeerFactory} whose settings come from
-        the configuration.
+        child serving one shared L{Federation} whose settings come from
+        the configuration; the admin endpoint is one more child.
         """
         listeners = [self.service.getServiceNamed(f"imx-listener-{i}") for i in (0, 1)]
         for listener in listeners:
@@ -182,7 +184,10 @@ class MakeServiceTests(TapTestsMixin, SynchronousTestCase):
                 software="imxd-test",
             ),
         )
-        self.assertEqual(len(list(self.service)), 4)
+        self.assertIsInstance(factory, Federation)
+        admin = self.service.getServiceNamed("admin")
+        self.assertIsInstance(admin.factory, AdminFactory)
+        self.assertEqual(len(list(self.service)), 5)
 
     def test_stateDirectory(self) -> None:
         """

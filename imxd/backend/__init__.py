@@ -26,7 +26,7 @@ __all__ = [
 ]
 
 BackendFactory = Callable[..., Any]
-OptionsValidator = Callable[[Mapping[str, Any]], dict]
+OptionsValidator = Callable[[Mapping[str, Any], str], dict]
 
 
 @attrs.frozen
@@ -39,8 +39,8 @@ class BackendRegistration:
         L{imxd.config.DomainConfig} whose C{backendOptions} have already been
         validated; returns an object providing
         L{imxd.backend.interfaces.IBackend}.
-    @ivar validateOptions: called with the raw C{backend_options} mapping;
-        returns the normalised options as a new L{dict} or raises
+    @ivar validateOptions: called with the raw C{backend_options} mapping
+        and the directory relative paths are taken from; returns the normalised options as a new L{dict} or raises
         L{ValueError} with a one-line reason.
     """
 
@@ -105,12 +105,16 @@ def lookupBackend(kind: str) -> BackendRegistration:
         raise KeyError(_unknownKind(kind)) from None
 
 
-def validateBackendOptions(kind: str, options: Mapping[str, Any]) -> dict:
+def validateBackendOptions(
+    kind: str, options: Mapping[str, Any], baseDirectory: str = "."
+) -> dict:
     """
     Check the options of a backend of the given kind.
 
     @param kind: a kind name.
     @param options: the C{backend_options} table from the configuration.
+    @param baseDirectory: the directory relative paths in the options are
+        taken from (the configuration file's).
     @return: the normalised options as a new L{dict}.
     @raise ValueError: with a one-line reason, if the kind is unknown or the
         options are not acceptable to it.
@@ -118,7 +122,7 @@ def validateBackendOptions(kind: str, options: Mapping[str, Any]) -> dict:
     registration = _registry.get(kind)
     if registration is None:
         raise ValueError(_unknownKind(kind))
-    return registration.validateOptions(options)
+    return registration.validateOptions(options, baseDirectory)
 
 
 def _unknownKind(kind: str) -> str:

@@ -21,6 +21,25 @@ class IBackend(Interface):
 
     domain = Attribute("The normalised name of the hosted domain served.")
 
+    def start(sender):
+        """
+        imxd is ready: the backend may now send.  Called once when the
+        hosted domain starts.
+
+        @param sender: the hosted domain's
+            L{imxd.aggregator.VirtualDomain}; its C{sendMessage} routes a
+            message from a user of this domain.
+        @return: L{None}, or a L{Deferred} that fires when the backend is
+            ready.
+        """
+
+    def stop():
+        """
+        imxd is stopping: stop sending and release resources.
+
+        @return: L{None}, or a L{Deferred} that fires when done.
+        """
+
     def deliverMessage(message):
         """
         Deliver a message that arrived for a user of this domain.

@@ -15,11 +15,12 @@ from zope.interface import implementer
 from imxd.backend.interfaces import IBackend
 
 
-def validateOptions(options: Mapping[str, Any]) -> dict:
+def validateOptions(options: Mapping[str, Any], baseDirectory: str = ".") -> dict:
     """
     Check the options of a C{memory} backend: it has none.
 
     @param options: the C{backend_options} table.
+    @param baseDirectory: unused (the memory backend has no paths).
     @return: an empty L{dict}.
     @raise ValueError: naming the first unknown option, if there is any.
     """
@@ -46,6 +47,7 @@ class MemoryBackend:
         @param domain: the normalised name of the hosted domain served.
         """
         self.domain = domain
+        self.sender: Any = None
         self.messages: list[Any] = []
         self.notifications: list[Any] = []
 
@@ -58,6 +60,18 @@ class MemoryBackend:
         @return: a new, empty L{MemoryBackend}.
         """
         return cls(domainConfig.name)
+
+    def start(self, sender: Any) -> None:
+        """
+        Keep the hosted domain so that tests can send through
+        C{self.sender.sendMessage}; see L{IBackend.start}.
+        """
+        self.sender = sender
+
+    def stop(self) -> None:
+        """
+        Nothing to release; see L{IBackend.stop}.
+        """
 
     def deliverMessage(self, message: Any) -> Deferred[None]:
         """

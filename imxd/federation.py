@@ -1,0 +1,881 @@
+"""
+Federation: every peer connection of one imxd process and the domain pairs
+they carry (C{docs/protocol.md} sections 10 and 14).
+
+L{FederationProtocol} is one connection.  On top of the peer protocol it
+keeps which domain pairs are authenticated on it, runs both halves of
+dial-back (the receiver's, which dials the claimed origin through this
+server's own discovery, and the originator's), hands Data for authenticated
+pairs to the router and acknowledges it, and follows or sends REDIRECT.
+
+L{Federation} is the factory all of them share: hosted domains, dial-back
+tokens and secrets, the outbound pool, the router, connection limits and
+draining.
+"""
+
+import secrets as _random
+
+import attrs
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from imxd.address import AddressError, normaliseDomain
+from imxd.dialback import DialbackError
+from imxd.peer import PeerFactory, PeerProtocol, PeerState, Refused, RemoteError
+from imxd.pool import OutboundPool
+from imxd.router import Router, dataPair
+from imxd.waiters import Waiters
+from imxd.wire import (
+    DATA_TYPES,
+    Ack,
+    DialbackKey,
+    DialbackResult,
+    DialbackSecret,
+    DialbackVerify,
+    Error,
+    ErrorCode,
+    Redirect,
+)
+from imxd.wire.records import RECORD_CLASSES
+
+#: Capabilities imxd announces on peer connections.
+CAPABILITIES = ("dialback", "redirect")
+
+#: The most tags one ACK carries.
+ACK_BATCH = 4096
+
+#: Seconds a draining server leaves a connection after sending REDIRECT,
+#: for requests in progress to finish, before it closes in order.
+DRAIN_GRACE = 10.0
+
+
+def _pairFields(record):
+    """
+    @return: the canonical C{(FROM_DOMAIN, TO_DOMAIN)} of a dial-back record.
+    @raise Refused: C{dialback-failed} if either is not a valid domain.
+    """
+    try:
+        return normaliseDomain(record.fromDomain), normaliseDomain(record.toDomain)
+    except AddressError as e:
+        raise Refused(ErrorCode.DIALBACK_FAILED, f"not a domain: {e}") from None
+
+
+def _pairError(code, text, pair, tag=0):
+    """
+    @return: an ERROR about a domain pair, naming it.
+    """
+    return Error(tag=tag, code=code, text=text, fromDomain=pair[0], toDomain=pair[1])
+
+
+class FederationProtocol(PeerProtocol):
+    """
+    One IMX connection between this server and a peer server.
+
+    @ivar connectionId: a random 64-bit number naming the connection in
+        dial-back tokens.
+    @ivar dialledDomains: for a connection this side opened, the remote
+        domains it was dialled for (trusted by 6.3 item 1).
+    @ivar receivablePairs: C{(origin, receiving)} pairs the peer has
+        authenticated on this connection: it may send Data for them.
+    @ivar redirectSent: this side sent REDIRECT (draining): new requests
+        are refused with C{shutting-down}.
+    """
+
+    def __init__(self, factory, originator=False, dialledDomain=None):
+        """
+        @param factory: the L{Federation}.
+        @param originator: whether this side opened the connection.
+        @param dialledDomain: the remote domain dialled, for an outbound
+            connection.
+        """
+        super().__init__(factory, originator)
+        self.federation = factory
+        self.connectionId = factory.newConnectionId(self)
+        self.dialledDomains = set() if dialledDomain is None else {dialledDomain}
+        self.receivablePairs = set()
+        self.redirectSent = False
+        self._sendablePairs = {}
+        self._awaitingSecret = {}
+        self._verifying = 0
+        self._retired = False
+        self._open = Waiters()
+        self._acks = []
+        self._reading = False
+
+    # -- life ---------------------------------------------------------------
+
+    def helloRecord(self):
+        """
+        HELLO, naming the dialled domain on an outbound connection.
+        """
+        hello = super().helloRecord()
+        if self.originator and self.dialledDomains:
+            return attrs.evolve(hello, toDomain=min(self.dialledDomains))
+        return hello
+
+    def connectionMade(self):
+        """
+        Send the preamble and HELLO; refuse an inbound connection over the
+        limits (counted per source address and in total, never per claimed
+        domain) or arriving while the server drains.
+        """
+        super().connectionMade()
+        if not self.originator:
+            refusal = self.federation.admissionRefusal(self)
+            if refusal is not None:
+                self.factory.count("connections-over-limit")
+                self._refuse(refusal.code, refusal.text)
+
+    def helloDone(self):
+        """
+        HELLO is done: refuse a peer that dialled a domain not hosted here,
+        and release whoever waits for this connection to open.
+        """
+        toDomain = self.peerHello.toDomain
+        if toDomain is not None and not self.originator:
+            if _canonical(toDomain) not in self.federation.hostedDomains():
+                self._refuse(
+                    ErrorCode.UNKNOWN_DOMAIN, f"{toDomain} is not hosted here"
+                )
+                return
+        self._open.fire(self)
+
+    def whenOpen(self):
+        """
+        @return: a L{Deferred} firing with this connection once HELLO is
+            done, or failing if it closes first.
+        """
+        if self.state is PeerState.OPEN:
+            return defer.succeed(self)
+        return self._open.wait()
+
+    def usable(self):
+        """
+        @return: whether new requests may be sent on this connection.
+        """
+        return self.state is PeerState.OPEN and not self._retired
+
+    def stopUsing(self):
+        """
+        Take this connection out of use for new requests (it was redirected
+        or is draining); requests in progress finish.
+        """
+        self._retired = True
+
+    def connectionLost(self, reason):
+        """
+        Fail every waiter and forget this connection's dial-back state.
+        """
+        for _, timer in self._awaitingSecret.values():
+            if timer.active():
+                timer.cancel()
+        self._awaitingSecret.clear()
+        super().connectionLost(reason)
+        self._open.fire(reason)
+        for waiters in self._sendablePairs.values():
+            if isinstance(waiters, Waiters):
+                waiters.fire(reason)
+        self.federation.secrets.forgetConnection(self.connectionId)
+
+    def dataReceived(self, data):
+        """
+        Process the bytes, then send one ACK for every request accepted
+        while doing so.
+        """
+        self._reading = True
+        try:
+            super().dataReceived(data)
+        finally:
+            self._reading = False
+        self._flushAcks()
+
+    # -- acknowledgements ---------------------------------------------------
+
+    def acknowledge(self, tag):
+        """
+        Accept a request: its tag joins the next ACK, sent when the current
+        input has been processed (or now, when no input is being read).
+        """
+        self._acks.append(tag)
+        if not self._reading:
+            self._flushAcks()
+
+    def _flushAcks(self):
+        """
+        Send the ACKs gathered, at most L{ACK_BATCH} tags per record.
+        """
+        acks, self._acks = self._acks, []
+        if self.state is PeerState.CLOSED:
+            return
+        for start in range(0, len(acks), ACK_BATCH):
+            self.sendRecord(Ack(tags=tuple(acks[start : start + ACK_BATCH])))
+
+    def _answerRefusal(self, failure, tag, what):
+        """
+        Answer a request that failed with its ERROR.
+        """
+        if failure.check(Refused):
+            refusal = failure.value
+        else:
+            self.log.failure("{what} failed", failure, what=what)
+            refusal = Refused(ErrorCode.INTERNAL_ERROR, f"{what} failed")
+        self.factory.count("requests-refused")
+        if self.state is not PeerState.CLOSED:
+            self.sendRecord(refusal.toError(tag))
+
+    # -- Data ------------------------------------------------------------
+
+    def _handleData(self, record):
+        """
+        Data from the peer: refuse it if this server drains, the recipient's
+        domain is not hosted here (no relaying) or the pair is not
+        authenticated on this connection; otherwise hand it to the router
+        and acknowledge it once the backend has accepted it.
+        """
+        if record.response:
+            self._handleResponse(record)
+            return
+        if self.redirectSent:
+            self.refuseRecord(record)
+            return
+        try:
+            origin, receiving = dataPair(record)
+            if receiving not in self.federation.hostedDomains():
+                raise Refused(
+                    ErrorCode.RELAY_DENIED,
+                    f"{receiving} is not hosted here; this server does not relay",
+                )
+            if not self._trusts(origin, receiving):
+                raise Refused(
+                    ErrorCode.NOT_AUTHENTICATED,
+                    f"{origin} -> {receiving} is not authenticated on this connection",
+                )
+        except Refused as refusal:
+            self.factory.count("data-refused")
+            self.sendRecord(refusal.toError(record.tag))
+            return
+        self.noteActivity()
+        self.factory.count("data-received")
+        delivered = self.federation.router.deliver(record, origin, receiving)
+        delivered.addCallbacks(
+            lambda _: self.acknowledge(record.tag),
+            self._answerRefusal,
+            errbackArgs=(record.tag, f"delivery of {type(record).__name__}"),
+        )
+
+    def _trusts(self, origin, receiving):
+        """
+        Whether the peer may send Data for C{origin → receiving} here:
+        authenticated by dial-back on this connection, or, on a connection
+        this side opened, from a domain it dialled (6.3 item 1).
+        """
+        if (origin, receiving) in self.receivablePairs:
+            return True
+        return self.originator and origin in self.dialledDomains
+
+    # -- dial-back: the receiving server's side -------------------------------
+
+    def _handleDialbackKey(self, key):
+        """
+        The peer claims a domain: check the claim by dialling that domain
+        through this server's own discovery (section 10.1).
+        """
+        try:
+            pair = _pairFields(key)
+            origin, receiving = pair
+            if receiving not in self.federation.hostedDomains():
+                raise Refused(ErrorCode.UNKNOWN_DOMAIN, f"{receiving} is not hosted here")
+            if origin in self.federation.hostedDomains():
+                raise Refused(
+                    ErrorCode.DIALBACK_FAILED, f"{origin} is hosted by this server"
+                )
+            if pair in self.receivablePairs:
+                self.sendRecord(
+                    DialbackResult(tag=key.tag, fromDomain=origin, toDomain=receiving)
+                )
+                return
+            if pair in self._awaitingSecret:
+                raise Refused(
+                    ErrorCode.RESOURCE_LIMIT,
+                    f"a dial-back for {origin} -> {receiving} is already pending",
+                )
+            refusal = self.federation.dialbackRefusal(self, pair)
+            if refusal is not None:
+                raise refusal
+        except Refused as refusal:
+            self.factory.count("dialbacks-refused")
+            self.sendRecord(_pairError(refusal.code, refusal.text, _rawPair(key), key.tag))
+            return
+        federation = self.federation
+        secret = federation.secrets.coin(self.connectionId, pair, self.clock.seconds())
+        timer = self.clock.callLater(
+            federation.dialbackTimeout, self._dialbackTimedOut, pair
+        )
+        self._awaitingSecret[pair] = (key.tag, timer)
+        federation.count("dialbacks-started")
+        asked = federation.askToVerify(origin, receiving, key.token, secret)
+        asked.addErrback(self._dialbackFailed, pair)
+
+    def awaitingSecret(self):
+        """
+        @return: how many dial-backs on this connection await their secret.
+        """
+        return len(self._awaitingSecret)
+
+    def _finishDialback(self, pair):
+        """
+        Stop waiting for the secret of C{pair}.
+
+        @return: the tag of its DIALBACK_KEY, or L{None} if it was not
+            pending.
+        """
+        entry = self._awaitingSecret.pop(pair, None)
+        if entry is None:
+            return None
+        tag, timer = entry
+        if timer.active():
+            timer.cancel()
+        return tag
+
+    def _failDialback(self, pair, code, text):
+        """
+        Answer a pending DIALBACK_KEY with ERROR; the pair stays
+        unauthenticated.
+        """
+        tag = self._finishDialback(pair)
+        if tag is None:
+            return
+        self.federation.secrets.withdraw(self.connectionId, pair)
+        self.federation.count("dialbacks-failed")
+        self.log.info(
+            "dial-back {origin} -> {receiving} from {peer} failed: {code} {text}",
+            origin=pair[0],
+            receiving=pair[1],
+            peer=self._peerName(),
+            code=int(code),
+            text=text,
+        )
+        if self.state is not PeerState.CLOSED:
+            self.sendRecord(_pairError(code, text, pair, tag))
+
+    def _dialbackTimedOut(self, pair):
+        """
+        No valid secret arrived in time.
+        """
+        self._failDialback(
+            pair,
+            ErrorCode.DIALBACK_TIMEOUT,
+            f"dial-back not finished within {self.federation.dialbackTimeout:g} s",
+        )
+
+    def _dialbackFailed(self, failure, pair):
+        """
+        The claimed origin could not be reached, or refused the token.
+        """
+        origin = pair[0]
+        if failure.check(RemoteError):
+            code = ErrorCode.DIALBACK_FAILED
+            text = f"{origin} did not confirm the key: {failure.value.text or failure.value.code}"
+        elif failure.check(Refused):
+            code = failure.value.code
+            if code != ErrorCode.DIALBACK_FAILED:
+                code = (
+                    ErrorCode.DIALBACK_TIMEOUT
+                    if failure.value.temporary
+                    else ErrorCode.DIALBACK_FAILED
+                )
+            text = f"could not dial {origin}: {failure.value.text}"
+        else:
+            code = ErrorCode.DIALBACK_TIMEOUT
+            text = f"could not dial {origin}: {failure.getErrorMessage()}"
+        self._failDialback(pair, code, text)
+
+    def _handleDialbackSecret(self, record):
+        """
+        The originator echoes the secret: the pair is authenticated if it is
+        the one coined for this connection and pair, unused and unexpired.
+        """
+        try:
+            pair = _pairFields(record)
+        except Refused as refusal:
+            self.sendRecord(_pairError(refusal.code, refusal.text, _rawPair(record)))
+            return
+        tag = self._finishDialback(pair)
+        try:
+            self.federation.secrets.consume(
+                record.secret, self.connectionId, pair, self.clock.seconds()
+            )
+        except DialbackError as e:
+            self.federation.count("dialbacks-failed")
+            self.log.info(
+                "dial-back {origin} -> {receiving} from {peer}: secret refused: {why}",
+                origin=pair[0],
+                receiving=pair[1],
+                peer=self._peerName(),
+                why=str(e),
+            )
+            self.sendRecord(
+                _pairError(
+                    ErrorCode.DIALBACK_FAILED,
+                    f"dial-back secret refused: {e}",
+                    pair,
+                    tag or 0,
+                )
+            )
+            return
+        self.receivablePairs.add(pair)
+        self.federation.count("pairs-authenticated")
+        self.log.info(
+            "{origin} -> {receiving} authenticated by dial-back on the connection "
+            "from {peer}",
+            origin=pair[0],
+            receiving=pair[1],
+            peer=self._peerName(),
+        )
+        if tag is not None:
+            self.sendRecord(
+                DialbackResult(tag=tag, fromDomain=pair[0], toDomain=pair[1])
+            )
+
+    # -- dial-back: the originating server's side -----------------------------
+
+    def authenticatePair(self, pair):
+        """
+        Make sure this side may send Data for C{pair} on this connection:
+        at once if it is authenticated, otherwise by sending DIALBACK_KEY
+        and waiting for DIALBACK_RESULT.
+
+        @param pair: C{(localDomain, remoteDomain)}.
+        @return: a L{Deferred} firing with this connection, or failing with
+            L{RemoteError} (or the reason the connection was lost).
+        """
+        state = self._sendablePairs.get(pair)
+        if state is True:
+            return defer.succeed(self)
+        if state is None:
+            state = self._sendablePairs[pair] = Waiters()
+            token = self.federation.tokens.issue(
+                pair[0], pair[1], self.connectionId, self.clock.seconds()
+            )
+            self.request(
+                DialbackKey(fromDomain=pair[0], toDomain=pair[1], token=token)
+            ).addBoth(self._keyAnswered, pair)
+        return state.wait()
+
+    def _keyAnswered(self, result, pair):
+        """
+        DIALBACK_RESULT (the pair is ours to send on) or an ERROR.
+        """
+        waiters = self._sendablePairs.pop(pair)
+        if isinstance(result, DialbackResult):
+            self._sendablePairs[pair] = True
+            result = self
+        waiters.fire(result)
+
+    def awaitingResult(self, pair):
+        """
+        @return: whether this side sent DIALBACK_KEY for C{pair} here and
+            awaits the answer.
+        """
+        return isinstance(self._sendablePairs.get(pair), Waiters)
+
+    def _handleDialbackVerify(self, verify):
+        """
+        A receiving server asks whether a token is ours: if it names a
+        connection of ours still waiting for that pair, say yes here and
+        echo the secret on that connection.
+        """
+        try:
+            connection, pair = self.federation.confirmToken(verify)
+        except Refused as refusal:
+            self.federation.count("verifies-refused")
+            self.sendRecord(_pairError(refusal.code, refusal.text, _rawPair(verify), verify.tag))
+            return
+        self.acknowledge(verify.tag)
+        connection.sendRecord(
+            DialbackSecret(fromDomain=pair[0], toDomain=pair[1], secret=verify.secret)
+        )
+
+    def requestVerify(self, verify):
+        """
+        Send DIALBACK_VERIFY (this connection is Connection 2).
+
+        @return: the L{Deferred} of its answer.
+        """
+        self._verifying += 1
+
+        def done(result):
+            self._verifying -= 1
+            return result
+
+        return self.request(verify).addBoth(done)
+
+    # -- REDIRECT -------------------------------------------------------------
+
+    def _handleRedirect(self, redirect):
+        """
+        Follow a REDIRECT within the safety rules: only on a connection this
+        side opened, and never while it carries a dial-back check.
+        """
+        if not self.originator or self._verifying:
+            self.factory.count("redirects-ignored")
+            self.log.info(
+                "ignoring REDIRECT to {host}:{port} from {peer}: {why}",
+                host=redirect.host,
+                port=redirect.port,
+                peer=self._peerName(),
+                why="this side did not open the connection"
+                if not self.originator
+                else "the connection is in use for dial-back",
+            )
+            return
+        domains = set()
+        for name in redirect.domains:
+            domains.add(_canonical(name))
+        moved = self.federation.pool.redirect(
+            self, redirect.host, redirect.port, domains
+        )
+        self.factory.count("redirects-followed")
+        self.log.info(
+            "{peer} redirects {domains} to {host}:{port}: {text}",
+            peer=self._peerName(),
+            domains=", ".join(sorted(moved)) or "nothing",
+            host=redirect.host,
+            port=redirect.port,
+            text=redirect.text or "",
+        )
+        self.stopUsing()
+
+    def sendRedirect(self, host, port, text):
+        """
+        Tell the peer to reconnect elsewhere; from now on refuse its new
+        requests with C{shutting-down}, and close in order after
+        L{DRAIN_GRACE} seconds.
+        """
+        self.sendRecord(Redirect(host=host, port=port, text=text))
+        self.redirectSent = True
+        self.stopUsing()
+        self.clock.callLater(DRAIN_GRACE, self.close, "drained")
+
+    def refuseRecord(self, record):
+        """
+        While draining, every new request is refused as shutting down.
+        """
+        if self.redirectSent and record.tag:
+            self.factory.count("records-refused")
+            self.sendRecord(
+                Error(
+                    tag=record.tag,
+                    code=ErrorCode.SHUTTING_DOWN,
+                    text="this server is draining; reconnect as redirected",
+                )
+            )
+            return
+        super().refuseRecord(record)
+
+
+def _canonical(name):
+    """
+    @return: the canonical form of a domain name, or the name as given when
+        it is not a valid domain.
+    """
+    try:
+        return normaliseDomain(name)
+    except AddressError:
+        return name
+
+
+def _rawPair(record):
+    """
+    @return: a dial-back record's domains as sent, for an ERROR about them.
+    """
+    return record.fromDomain, record.toDomain
+
+
+def _dialbackTables():
+    """
+    The state tables of L{FederationProtocol}: the peer protocol's, with
+    dial-back, REDIRECT and Data handled when OPEN.
+    """
+    tables = dict(PeerProtocol.stateTables)
+    serving = dict(tables[PeerState.OPEN])
+    serving.update(
+        {
+            DialbackKey: FederationProtocol._handleDialbackKey,
+            DialbackVerify: FederationProtocol._handleDialbackVerify,
+            DialbackSecret: FederationProtocol._handleDialbackSecret,
+            Redirect: FederationProtocol._handleRedirect,
+        }
+    )
+    for recordType in DATA_TYPES:
+        recordClass = RECORD_CLASSES[recordType]
+        if not recordClass.ALWAYS_RESPONSE:
+            serving[recordClass] = FederationProtocol._handleData
+    tables[PeerState.OPEN] = serving
+    return tables
+
+
+FederationProtocol.stateTables = _dialbackTables()
+
+
+class Federation(PeerFactory):
+    """
+    All peer connections of one imxd process, inbound and outbound, and
+    what they share.
+
+    @ivar aggregator: the L{imxd.aggregator.Aggregator}.
+    @ivar tokens: the L{imxd.dialback.DialbackTokens} this server issues.
+    @ivar secrets: the L{imxd.dialback.DialbackSecrets} it coins.
+    @ivar pool: the L{OutboundPool}.
+    @ivar router: the L{Router}.
+    @ivar limits: the L{imxd.config.LimitsConfig}.
+    @ivar dialbackTimeout: seconds one dial-back may take.
+    @ivar draining: C{(host, port)} this server redirects peers to, or
+        L{None} while it serves normally.
+    """
+
+    protocol = FederationProtocol
+
+    def __init__(
+        self,
+        clock,
+        settings,
+        aggregator,
+        tokens,
+        secrets,
+        discovery,
+        connect,
+        limits,
+        dialbackTimeout=15.0,
+    ):
+        """
+        @param clock: an L{IReactorTime} provider.
+        @param settings: the L{imxd.peer.PeerSettings}.
+        @param aggregator: the hosted domains.
+        @param tokens: a L{imxd.dialback.DialbackTokens}.
+        @param secrets: a L{imxd.dialback.DialbackSecrets}.
+        @param discovery: a L{imxd.discovery.Discovery}.
+        @param connect: the pool's connector (L{imxd.pool.tcpConnector}).
+        @param limits: the L{imxd.config.LimitsConfig}.
+        @param dialbackTimeout: seconds one dial-back may take.
+        """
+        super().__init__(clock, settings, capabilities=CAPABILITIES)
+        self.aggregator = aggregator
+        self.tokens = tokens
+        self.secrets = secrets
+        self.limits = limits
+        self.dialbackTimeout = dialbackTimeout
+        self.pool = OutboundPool(
+            self, discovery, connect, clock, maxPerPeer=limits.maxOutboundPerPeer
+        )
+        self.router = Router(aggregator, self.pool)
+        self.draining = None
+        self._byId = {}
+
+    def hostedDomains(self):
+        """
+        @return: the canonical names of the domains hosted here.
+        """
+        return self.aggregator.hostedDomains()
+
+    # -- connections ----------------------------------------------------------
+
+    def newConnectionId(self, protocol):
+        """
+        @return: a fresh random 64-bit connection id for C{protocol}.
+        """
+        while True:
+            connectionId = _random.randbits(64)
+            if connectionId not in self._byId:
+                self._byId[connectionId] = protocol
+                return connectionId
+
+    def buildOutbound(self, domain):
+        """
+        @return: a L{FederationProtocol} for a connection to be dialled for
+            C{domain}.
+        """
+        return self.protocol(self, originator=True, dialledDomain=domain)
+
+    def connectionClosed(self, protocol):
+        """
+        A connection has gone: forget it everywhere.
+        """
+        super().connectionClosed(protocol)
+        self._byId.pop(protocol.connectionId, None)
+        if protocol.originator:
+            self.pool.forget(protocol)
+
+    def _inbound(self):
+        """
+        @return: the live connections peers opened to this server.
+        """
+        return [c for c in self.connections if not c.originator]
+
+    def admissionRefusal(self, protocol):
+        """
+        Decide whether a new inbound connection may stay, by the limits
+        that hold before authentication: in total and per source address.
+
+        @return: a L{Refused} to send, or L{None}.
+        """
+        if self.draining is not None:
+            return Refused(ErrorCode.SHUTTING_DOWN, "this server is draining")
+        limits = self.limits
+        if len(self.connections) > limits.maxConnectionsTotal:
+            return Refused(
+                ErrorCode.RESOURCE_LIMIT,
+                f"this server has its maximum of {limits.maxConnectionsTotal} connections",
+            )
+        host = _peerHost(protocol)
+        fromHost = sum(1 for c in self._inbound() if _peerHost(c) == host)
+        if fromHost > limits.maxConnectionsPerAddress:
+            return Refused(
+                ErrorCode.RESOURCE_LIMIT,
+                f"{host} already has {limits.maxConnectionsPerAddress} connections here",
+            )
+        return None
+
+    def dialbackRefusal(self, protocol, pair):
+        """
+        Decide whether a dial-back may start: pending dial-backs are counted
+        per source address; connections authenticated per origin domain.
+
+        @return: a L{Refused} to send, or L{None}.
+        """
+        limits = self.limits
+        host = _peerHost(protocol)
+        pending = sum(c.awaitingSecret() for c in self._inbound() if _peerHost(c) == host)
+        if pending >= limits.maxPendingDialbacksPerAddress:
+            return Refused(
+                ErrorCode.RESOURCE_LIMIT,
+                f"{host} already has {pending} dial-backs pending here",
+            )
+        origin, receiving = pair
+        blocked = self.aggregator.domain(receiving).config.policy.blockedDomains
+        if origin in blocked:
+            return Refused(ErrorCode.BLOCKED, f"{receiving} does not accept {origin}")
+        authenticated = sum(
+            1
+            for c in self._inbound()
+            if c is not protocol and any(o == origin for o, _ in c.receivablePairs)
+        )
+        if authenticated >= limits.maxConnectionsPerDomain:
+            return Refused(
+                ErrorCode.RESOURCE_LIMIT,
+                f"{origin} already has {authenticated} connections here",
+            )
+        return None
+
+    # -- dial-back ---------------------------------------------------------
+
+    def askToVerify(self, origin, receiving, token, secret):
+        """
+        Connection 2: dial C{origin} through this server's own discovery
+        (or reuse a connection this server opened to it) and ask it to
+        confirm C{token}.
+
+        @return: a L{Deferred} firing with the ACK, or failing with
+            L{Refused} (L{RemoteError} if the origin said no).
+        """
+        verify = DialbackVerify(
+            fromDomain=receiving, toDomain=origin, token=token, secret=secret
+        )
+        opened = self.pool.connection(origin)
+        return opened.addCallback(lambda connection: connection.requestVerify(verify))
+
+    def confirmToken(self, verify):
+        """
+        Check a DIALBACK_VERIFY: the token is one this server issued, live,
+        for C{(TO_DOMAIN → FROM_DOMAIN)}, by this node, naming a connection
+        still open and still waiting for that pair.
+
+        @return: C{(connection, pair)}: Connection 1 and the pair.
+        @raise Refused: C{unknown-domain} or C{dialback-failed}, saying why.
+        """
+        asking, ours = _pairFields(verify)
+        if ours not in self.hostedDomains():
+            raise Refused(ErrorCode.UNKNOWN_DOMAIN, f"{ours} is not hosted here")
+        pair = (ours, asking)
+        try:
+            claims = self.tokens.verify(verify.token, ours, asking, self.clock.seconds())
+        except DialbackError as e:
+            raise Refused(ErrorCode.DIALBACK_FAILED, str(e)) from None
+        if claims.node != self.tokens.node:
+            raise Refused(
+                ErrorCode.DIALBACK_FAILED,
+                f"token was issued by node {claims.node!r}, not {self.tokens.node!r}",
+            )
+        connection = self._byId.get(claims.connectionId)
+        if connection is None or connection.state is not PeerState.OPEN:
+            raise Refused(
+                ErrorCode.DIALBACK_FAILED, "the connection the token names is gone"
+            )
+        if not connection.awaitingResult(pair):
+            raise Refused(
+                ErrorCode.DIALBACK_FAILED,
+                f"no dial-back for {ours} -> {asking} is pending on that connection",
+            )
+        return connection, pair
+
+    # -- draining ----------------------------------------------------------------
+
+    def drain(self, host, port, text=None):
+        """
+        Take this server out of service: send REDIRECT to C{host:port} on
+        every connection peers opened, refuse new requests and new
+        connections, and close those connections in order after
+        L{DRAIN_GRACE} seconds.
+
+        @return: how many connections were redirected.
+        """
+        self.draining = (host, port)
+        redirected = 0
+        for protocol in self._inbound():
+            if protocol.state is PeerState.OPEN and not protocol.redirectSent:
+                protocol.sendRedirect(host, port, text)
+                redirected += 1
+        self.log.info(
+            "draining: {count} peer connections redirected to {host}:{port}",
+            count=redirected,
+            host=host,
+            port=port,
+        )
+        return redirected
+
+    def status(self):
+        """
+        @return: C{(name, value)} pairs describing the server's state, for
+            the admin endpoint's STATUS.
+        """
+        inbound = self._inbound()
+        outbound = [c for c in self.connections if c.originator]
+        lines = [
+            ("state", "draining" if self.draining else "serving"),
+            ("domains", ",".join(sorted(self.hostedDomains()))),
+            ("connections-inbound", len(inbound)),
+            ("connections-outbound", len(outbound)),
+            ("pairs-inbound", sum(len(c.receivablePairs) for c in inbound)),
+            ("dialbacks-pending", sum(c.awaitingSecret() for c in inbound)),
+        ]
+        if self.draining:
+            lines.append(("redirect-to", "%s:%d" % self.draining))
+        for domain, connections in sorted(self.pool.connections().items()):
+            lines.append((f"peer.{domain}", len(connections)))
+        for domain, redirection in sorted(self.pool.redirections.items()):
+            target = redirection.target
+            lines.append((f"redirect.{domain}", f"{target.host}:{target.port}"))
+        for name, value in sorted(self.counters.items()):
+            lines.append((f"count.{name}", value))
+        return lines
+
+
+def _peerHost(protocol):
+    """
+    @return: the peer's IP address (or other address) as text.
+    """
+    try:
+        address = protocol.transport.getPeer()
+    except Exception:
+        return "?"
+    return getattr(address, "host", str(address))

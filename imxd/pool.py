@@ -1,0 +1,296 @@
+"""
+The outbound pool: connections this server opens to remote domains.
+
+A connection is opened on demand when a hosted domain first has Data for a
+remote domain, found through discovery (SRV targets tried in order until one
+answers), shared by every hosted domain and user, and closed by the idle
+timeout of the connection itself; the next Data opens a new one.  At most
+C{maxPerPeer} connections are kept per remote domain.  A REDIRECT received
+on a connection this server opened moves that domain to the given address,
+within the safety rules of C{docs/protocol.md} section 14.
+"""
+
+import ipaddress
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    connectProtocol,
+)
+from twisted.logger import Logger
+
+from imxd.discovery import DiscoveryError, NoService, Target
+from imxd.peer import Refused, RemoteError
+from imxd.waiters import Waiters
+from imxd.wire import ErrorCode
+
+#: Redirects followed in a row for one domain before discovery is used again.
+MAX_REDIRECTS = 3
+
+#: The longest a redirect address replaces discovery, in seconds.
+REDIRECT_LIFETIME = 3600.0
+
+#: Times a request refused with C{shutting-down} is sent again on another
+#: connection.
+RESEND_ATTEMPTS = 3
+
+
+def tcpConnector(reactor, resolver, timeout):
+    """
+    The pool's way of opening TCP connections: host names are resolved with
+    the server's own resolver (the one discovery uses), never with an
+    address a peer sent.
+
+    @param reactor: an L{IReactorTCP} and L{IReactorTime} provider.
+    @param resolver: an L{IResolver} for host names.
+    @param timeout: seconds allowed for each TCP connect.
+    @return: C{connect(host, port, protocol)} returning a L{Deferred} that
+        fires once the TCP connection is made.
+    """
+
+    def connect(host, port, protocol):
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            resolved = resolver.getHostByName(host, timeout=(timeout,))
+            return resolved.addCallback(lambda ip: connect(ip, port, protocol))
+        endpointType = TCP6ClientEndpoint if address.version == 6 else TCP4ClientEndpoint
+        endpoint = endpointType(reactor, str(address), port, timeout=timeout)
+        return connectProtocol(endpoint, protocol)
+
+    return connect
+
+
+@attrs.define
+class Redirection:
+    """
+    Where a REDIRECT sent a remote domain.
+
+    @ivar target: the address to use instead of discovery.
+    @ivar expiry: clock seconds after which discovery is used again.
+    @ivar hops: redirects followed in a row for the domain.
+    """
+
+    target: Target
+    expiry: float
+    hops: int
+
+
+class OutboundPool:
+    """
+    The connections this server opened, by the remote domain they were
+    dialled for.
+    """
+
+    log = Logger()
+
+    def __init__(self, federation, discovery, connect, clock, maxPerPeer=2):
+        """
+        @param federation: the L{imxd.federation.Federation} that builds the
+            connections.
+        @param discovery: the L{imxd.discovery.Discovery}.
+        @param connect: C{connect(host, port, protocol)} (L{tcpConnector}).
+        @param clock: an L{IReactorTime} provider.
+        @param maxPerPeer: the most connections kept to one remote domain.
+        """
+        self.federation = federation
+        self.discovery = discovery
+        self._connect = connect
+        self.clock = clock
+        self.maxPerPeer = maxPerPeer
+        self._connections = {}
+        self._opening = {}
+        self.redirections = {}
+
+    # -- connections ------------------------------------------------------
+
+    def connection(self, domain):
+        """
+        An open connection dialled for C{domain}: one already open and
+        usable, or a new one.
+
+        @return: a L{Deferred} firing with the
+            L{imxd.federation.FederationProtocol} once its HELLO exchange is
+            done, or failing with L{Refused}.
+        """
+        usable = [c for c in self._connections.get(domain, ()) if c.usable()]
+        if usable:
+            return defer.succeed(min(usable, key=lambda c: c.pendingRequests()))
+        waiters = self._opening.get(domain)
+        if waiters is None:
+            if len(self._connections.get(domain, ())) >= self.maxPerPeer:
+                return defer.fail(
+                    Refused(
+                        ErrorCode.RESOURCE_LIMIT,
+                        f"{self.maxPerPeer} connections to {domain} are open "
+                        "and none takes new requests",
+                    )
+                )
+            waiters = self._opening[domain] = Waiters()
+            self._open(domain).addBoth(self._opened, domain)
+        return waiters.wait()
+
+    def _opened(self, result, domain):
+        """
+        Hand the outcome of opening a connection to everyone waiting.
+        """
+        self._opening.pop(domain).fire(result)
+
+    def connections(self, domain=None):
+        """
+        @return: the connections dialled for C{domain}, or for every domain
+            as C{{domain: [connection, ...]}}.
+        """
+        if domain is None:
+            return {d: list(c) for d, c in self._connections.items() if c}
+        return list(self._connections.get(domain, ()))
+
+    def forget(self, protocol):
+        """
+        A connection has closed: stop offering it.
+        """
+        for domain in protocol.dialledDomains:
+            connections = self._connections.get(domain, [])
+            if protocol in connections:
+                connections.remove(protocol)
+            if not connections:
+                self._connections.pop(domain, None)
+
+    @defer.inlineCallbacks
+    def _open(self, domain):
+        """
+        Try each target of C{domain} in order until one completes HELLO.
+        """
+        targets = yield self._targets(domain)
+        tried = []
+        for target in targets:
+            protocol = self.federation.buildOutbound(domain)
+            try:
+                yield self._connect(target.host, target.port, protocol)
+                yield protocol.whenOpen()
+            except Exception as e:
+                tried.append(f"{target.host}:{target.port} ({_reason(e)})")
+                if protocol.transport is not None:
+                    protocol.transport.abortConnection()
+                continue
+            self._connections.setdefault(domain, []).append(protocol)
+            self.log.info(
+                "connected to {domain} at {host}:{port}",
+                domain=domain,
+                host=target.host,
+                port=target.port,
+            )
+            return protocol
+        self.federation.count("connect-failures")
+        raise Refused(
+            ErrorCode.TEMPORARY_FAILURE,
+            f"no server of {domain} answered: tried {', '.join(tried)}",
+        )
+
+    @defer.inlineCallbacks
+    def _targets(self, domain):
+        """
+        The addresses to try for C{domain}: a live redirect first, then
+        discovery.
+        """
+        redirection = self.redirections.get(domain)
+        found = []
+        if redirection is not None:
+            if redirection.expiry > self.clock.seconds():
+                found.append(redirection.target)
+            else:
+                del self.redirections[domain]
+        try:
+            discovered = yield self.discovery.targets(domain)
+        except NoService:
+            if found:
+                return found
+            raise Refused(
+                ErrorCode.UNKNOWN_DOMAIN, f"{domain} publishes no IMX service"
+            ) from None
+        except DiscoveryError as e:
+            if found:
+                return found
+            raise Refused(ErrorCode.TEMPORARY_FAILURE, str(e)) from None
+        return found + [t for t in discovered if t not in found]
+
+    # -- redirects ---------------------------------------------------------
+
+    def redirect(self, protocol, host, port, domains):
+        """
+        Follow a REDIRECT received on a connection this server opened: the
+        named domains (all the connection was dialled for, if none are
+        named) use C{host:port} from now on, for at most
+        L{REDIRECT_LIFETIME} seconds and L{MAX_REDIRECTS} times in a row.
+
+        @return: the domains redirected.
+        """
+        moved = []
+        for domain in domains or protocol.dialledDomains:
+            if domain not in protocol.dialledDomains:
+                continue
+            earlier = self.redirections.get(domain)
+            hops = earlier.hops + 1 if earlier is not None else 1
+            if hops > MAX_REDIRECTS:
+                self.redirections.pop(domain, None)
+                self.log.warn(
+                    "{domain}: not following a redirect to {host}:{port}: "
+                    "{hops} in a row; using discovery again",
+                    domain=domain,
+                    host=host,
+                    port=port,
+                    hops=hops,
+                )
+                continue
+            self.redirections[domain] = Redirection(
+                Target(host, port), self.clock.seconds() + REDIRECT_LIFETIME, hops
+            )
+            moved.append(domain)
+        return moved
+
+    # -- sending -------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def send(self, pair, record):
+        """
+        Send a Data request for C{pair} to the remote domain: open or reuse
+        a connection, authenticate the pair on it (dial-back), send, and
+        wait for the answer.  A request refused with C{shutting-down} (the
+        peer is draining) is sent again on another connection.
+
+        @param pair: C{(localDomain, remoteDomain)}.
+        @return: a L{Deferred} firing with the peer's answer (an L{Ack} or a
+            response record), or failing with L{Refused} (L{RemoteError}
+            when the peer refused).
+        """
+        remote = pair[1]
+        for attempt in range(1, RESEND_ATTEMPTS + 1):
+            protocol = yield self.connection(remote)
+            try:
+                yield protocol.authenticatePair(pair)
+                protocol.noteActivity()
+                answer = yield protocol.request(record)
+            except RemoteError as e:
+                if e.code != ErrorCode.SHUTTING_DOWN or attempt == RESEND_ATTEMPTS:
+                    raise
+                protocol.stopUsing()
+                continue
+            except Refused:
+                raise
+            except Exception as e:
+                raise Refused(
+                    ErrorCode.TEMPORARY_FAILURE,
+                    f"connection to {remote} lost before an answer: {_reason(e)}",
+                ) from None
+            protocol.noteActivity()
+            return answer
+
+
+def _reason(exception):
+    """
+    @return: a short text for why a connection attempt failed.
+    """
+    text = str(exception) or type(exception).__name__
+    return text.splitlines()[0] if text else type(exception).__name__
