@@ -635,6 +635,7 @@ class Federation(PeerFactory):
     """
 
     protocol = FederationProtocol
+    log = Logger()
 
     def __init__(
         self,

@@ -129,7 +129,9 @@ class OutboundPool:
                     )
                 )
             waiters = self._opening[domain] = Waiters()
+            waiting = waiters.wait()
             self._open(domain).addBoth(self._opened, domain)
+            return waiting
         return waiters.wait()
 
     def _opened(self, result, domain):

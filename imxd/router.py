@@ -9,6 +9,7 @@ here is refused before it gets this far.  A hosted domain may send only as
 its own addresses.
 """
 
+import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 
@@ -123,7 +124,8 @@ class Router:
 
     def deliver(self, record, origin, receiving):
         """
-        Hand a record for a hosted domain to that domain's backend.
+        Hand a record for a hosted domain to that domain's backend, without
+        the tag it had on its connection.
 
         @param origin: the authenticated (or hosted) origin domain.
         @param receiving: the hosted domain it is for.
@@ -146,4 +148,6 @@ class Router:
                     f"{type(record).__name__} is not served by this server yet",
                 )
             )
+        if record.tag:
+            record = attrs.evolve(record, tag=0)
         return defer.maybeDeferred(domain.backend.deliverMessage, record)

@@ -1,0 +1,196 @@
+"""
+An in-memory federation for unit tests: several imxd servers (each a real
+L{Federation} over a real L{Aggregator} with memory backends), a fake DNS
+and connections made of L{twisted.test.iosim} transports, all on one
+L{Clock}.  Nothing touches the network or the global reactor.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock
+from twisted.names import dns, error
+from twisted.test import iosim
+
+from imxd.aggregator import Aggregator
+from imxd.config import LimitsConfig, parseConfig
+from imxd.dialback import DialbackSecrets, DialbackTokens
+from imxd.discovery import Discovery
+from imxd.federation import Federation
+from imxd.peer import PeerProtocol, PeerSettings
+from imxd.wire import Message
+
+#: How many pump rounds L{Network.flush} runs at most.
+MAX_ROUNDS = 10000
+
+
+class FakeResolver:
+    """
+    Answers SRV look-ups from a table: C{{name: [(priority, weight, port,
+    target), ...]}}; a name not in the table does not exist.
+    """
+
+    def __init__(self):
+        self.records = {}
+        self.lookups = []
+
+    def lookupService(self, name, timeout=None):
+        self.lookups.append(name)
+        if name not in self.records:
+            return defer.fail(error.DNSNameError(name))
+        answers = [
+            dns.RRHeader(
+                name,
+                dns.SRV,
+                ttl=300,
+                payload=dns.Record_SRV(priority, weight, port, target, ttl=300),
+            )
+            for priority, weight, port, target in self.records[name]
+        ]
+        return defer.succeed((answers, [], []))
+
+
+class Network:
+    """
+    Servers by C{(host, port)}, joined by in-memory connections.
+    """
+
+    def __init__(self):
+        self.clock = Clock()
+        self.resolver = FakeResolver()
+        self.servers = {}
+        self.pumps = []
+        self._ports = itertools.count(40000)
+
+    def server(self, host, domains, port=5275, secret=None, limits=None, **timeouts):
+        """
+        Start an imxd server at C{host:port} hosting C{domains} (memory
+        backends) and publish C{_imx._tcp} SRV records for them.
+
+        @return: its L{Federation}.
+        """
+        config = parseConfig(
+            {"domain": [{"name": d, "backend": "memory"} for d in domains]},
+            "test.toml",
+            ".",
+        )
+        aggregator = Aggregator(config)
+        settings = PeerSettings(
+            hostedDomains=aggregator.hostedDomains(),
+            handshakeTimeout=timeouts.get("handshake", 10.0),
+            keepaliveInterval=timeouts.get("keepalive", 60.0),
+            idleTimeout=timeouts.get("idle", 600.0),
+        )
+        federation = Federation(
+            self.clock,
+            settings,
+            aggregator,
+            DialbackTokens(secret or host.encode() * 4, f"node-{host}"),
+            DialbackSecrets(lifetime=timeouts.get("dialback", 15.0)),
+            Discovery(self.resolver, self.clock),
+            self.connector(host),
+            limits or LimitsConfig(),
+            dialbackTimeout=timeouts.get("dialback", 15.0),
+        )
+        aggregator.attachFederation(federation)
+        aggregator.startService()
+        federation.host = host
+        self.servers[(host, port)] = federation
+        for domain in domains:
+            self.publish(domain, (0, 0, port, f"imx.{host}"))
+        return federation
+
+    def publish(self, domain, *records):
+        """
+        Replace the SRV records of C{domain}: C{(priority, weight, port,
+        target)} tuples; the target C{imx.<ip>} names the server at C{ip}.
+        """
+        self.resolver.records[f"_imx._tcp.{domain}"] = list(records)
+
+    def connector(self, fromHost):
+        """
+        @return: the C{connect(host, port, protocol)} of the server at
+            C{fromHost}: target names C{imx.<ip>} resolve to C{<ip>}.
+        """
+
+        def connect(host, port, protocol):
+            ip = host[len("imx.") :] if host.startswith("imx.") else host
+            server = self.servers.get((ip, port))
+            if server is None:
+                return defer.fail(ConnectionRefusedError(f"{ip}:{port}"))
+            self.connect(server, protocol, fromHost, ip, port)
+            return defer.succeed(protocol)
+
+        return connect
+
+    def connect(self, server, protocol, fromHost, ip, port):
+        """
+        Join C{protocol} (the client) to a new connection of C{server}.
+        """
+        clientAddress = IPv4Address("TCP", fromHost, next(self._ports))
+        serverAddress = IPv4Address("TCP", ip, port)
+        serverProtocol = server.buildProtocol(clientAddress)
+        pump = iosim.connect(
+            serverProtocol,
+            iosim.FakeTransport(serverProtocol, True, serverAddress, clientAddress),
+            protocol,
+            iosim.FakeTransport(protocol, False, clientAddress, serverAddress),
+            greet=False,
+            clock=self.clock,
+        )
+        self.pumps.append(pump)
+        return serverProtocol
+
+    def flush(self):
+        """
+        Move bytes on every connection until none moves.
+        """
+        for _ in range(MAX_ROUNDS):
+            moved = False
+            for pump in list(self.pumps):
+                moved = pump.pump() or moved
+            if not moved:
+                return
+        raise AssertionError("the network never went quiet")
+
+    def advance(self, seconds, step=1.0):
+        """
+        Let C{seconds} pass in steps, moving bytes after each.
+        """
+        remaining = seconds
+        while remaining > 0:
+            self.clock.advance(min(step, remaining))
+            remaining -= step
+            self.flush()
+
+
+class Stranger(PeerProtocol):
+    """
+    A peer that speaks raw IMX at a server and records what comes back:
+    for sending forged and out-of-order records.
+    """
+
+    def __init__(self, factory):
+        super().__init__(factory, originator=True)
+        self.received = []
+
+    def _dispatch(self, record):
+        self.received.append(record)
+        super()._dispatch(record)
+
+
+def message(sender, recipient, messageId="m1", body=b"hello"):
+    """
+    @return: a MESSAGE record.
+    """
+    return Message(
+        sender=sender,
+        recipient=recipient,
+        messageId=messageId,
+        contentType="text/plain; charset=utf-8",
+        body=body,
+    )
