@@ -66,6 +66,13 @@ class VirtualDomain(service.Service):
         super().stopService()
         return self.backend.stop()
 
+    @property
+    def clock(self):
+        """
+        The clock the federation runs on, for backends that schedule work.
+        """
+        return self.parent.federation.clock
+
     def sendMessage(self, message: Message) -> Deferred:
         """
         Route a message from a user of this domain: to another hosted domain

@@ -861,6 +861,12 @@ class Federation(PeerFactory):
         ]
         if self.draining:
             lines.append(("redirect-to", "%s:%d" % self.draining))
+        for protocol in inbound:
+            if protocol.receivablePairs:
+                pairs = sorted(f"{o}->{r}" for o, r in protocol.receivablePairs)
+                lines.append(
+                    (f"inbound.{protocol.connectionId:016x}", " ".join(pairs))
+                )
         for domain, connections in sorted(self.pool.connections().items()):
             lines.append((f"peer.{domain}", len(connections)))
         for domain, redirection in sorted(self.pool.redirections.items()):

@@ -86,6 +86,7 @@ class Refused(Exception):
     A request was refused, here or by a peer, with an ERROR code.
 
     @ivar code: the ERROR code (L{ErrorCode}).
+    @ivar token: the code's name, e.g. C{"relay-denied"}.
     @ivar text: the explanation, or C{None}.
     @ivar retryAfter: seconds to wait before trying again, or C{None}.
     """
@@ -93,6 +94,7 @@ class Refused(Exception):
     def __init__(self, code, text=None, retryAfter=None):
         token = ErrorCode(code).token if code in _CODES else "unknown"
         super().__init__(f"{int(code)} {token}: {text or ''}".rstrip(": "))
+        self.token = token
         self.code = int(code)
         self.text = text
         self.retryAfter = retryAfter

@@ -14,11 +14,8 @@ import ipaddress
 
 import attrs
 from twisted.internet import defer
-from twisted.internet.endpoints import (
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-    connectProtocol,
-)
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from imxd.discovery import DiscoveryError, NoService, Target
@@ -58,9 +55,23 @@ def tcpConnector(reactor, resolver, timeout):
             return resolved.addCallback(lambda ip: connect(ip, port, protocol))
         endpointType = TCP6ClientEndpoint if address.version == 6 else TCP4ClientEndpoint
         endpoint = endpointType(reactor, str(address), port, timeout=timeout)
-        return connectProtocol(endpoint, protocol)
+        return endpoint.connect(_OneConnection(protocol))
 
     return connect
+
+
+class _OneConnection(Factory):
+    """
+    A factory for exactly one connection, built elsewhere; quiet in logs.
+    """
+
+    noisy = False
+
+    def __init__(self, protocol):
+        self._protocol = protocol
+
+    def buildProtocol(self, addr):
+        return self._protocol
 
 
 @attrs.define
@@ -174,6 +185,13 @@ class OutboundPool:
                 yield protocol.whenOpen()
             except Exception as e:
                 tried.append(f"{target.host}:{target.port} ({_reason(e)})")
+                self.log.info(
+                    "could not connect to {domain} at {host}:{port}: {reason}",
+                    domain=domain,
+                    host=target.host,
+                    port=target.port,
+                    reason=_reason(e),
+                )
                 if protocol.transport is not None:
                     protocol.transport.abortConnection()
                 continue

@@ -131,9 +131,10 @@ def _unknownKind(kind: str) -> str:
 
 
 def _registerBuiltins() -> None:
-    from imxd.backend import memory
+    from imxd.backend import memory, spool
 
     registerBackend("memory", memory.MemoryBackend.fromConfig, memory.validateOptions)
+    registerBackend("spool", spool.SpoolBackend.fromConfig, spool.validateOptions)
 
 
 _registerBuiltins()

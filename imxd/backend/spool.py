@@ -1,0 +1,262 @@
+"""
+The C{spool} backend: a hosted domain served through a directory, as a mail
+spool is.  Any program that can write a file can send, and any program that
+can read one can receive; scripts, cron jobs and tests use it.
+
+Layout under the C{directory} option::
+
+    outbox/   JSON files to send; write them elsewhere (tmp/) and rename
+              them in, so that imxd never reads half a file
+    sent/     files moved here once the receiving server accepted them
+    failed/   files moved here when refused, each with NAME.error beside it
+              ({"code", "error", "text"})
+    inbox/    one JSON file per message delivered to the domain's users
+    tmp/      scratch space for atomic writes
+
+An outbox file holds C{{"from", "to", "body"}} and optionally C{"id"}
+(default: the file name without C{.json}) and C{"content_type"} (default
+C{text/plain; charset=utf-8}).  An inbox file holds C{from}, C{to}, C{id},
+C{content_type} and C{body} (text), or C{body_base64} when the body is not
+UTF-8.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import os
+from typing import Any, Mapping
+
+from twisted.internet import defer, task
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from imxd.backend.interfaces import IBackend
+from imxd.peer import Refused
+from imxd.wire import ErrorCode, Message
+
+#: Outbox files picked up per poll at most.
+BATCH = 1000
+
+#: The sub-directories of a spool.
+SUBDIRECTORIES = ("outbox", "sent", "failed", "inbox", "tmp")
+
+
+def validateOptions(options: Mapping[str, Any], baseDirectory: str = ".") -> dict:
+    """
+    Check the options of a C{spool} backend.
+
+    @param options: C{directory} (required; relative to C{baseDirectory})
+        and C{poll_interval} (seconds, default 1.0).
+    @return: C{{"directory": absolute path, "pollInterval": float}}.
+    @raise ValueError: naming the first problem.
+    """
+    unknown = sorted(set(options) - {"directory", "poll_interval"})
+    if unknown:
+        raise ValueError(
+            f"unknown option {unknown[0]!r} (known: directory, poll_interval)"
+        )
+    directory = options.get("directory")
+    if not isinstance(directory, str) or not directory:
+        raise ValueError("directory: required, a path")
+    interval = options.get("poll_interval", 1.0)
+    if isinstance(interval, bool) or not isinstance(interval, (int, float)):
+        raise ValueError("poll_interval: expected a number of seconds")
+    if interval <= 0:
+        raise ValueError("poll_interval: must be greater than 0")
+    path = os.path.normpath(os.path.join(baseDirectory, directory))
+    parent = os.path.dirname(path)
+    if not os.path.isdir(path) and not os.path.isdir(parent):
+        raise ValueError(f"directory: its parent directory does not exist: {path}")
+    return {"directory": path, "pollInterval": float(interval)}
+
+
+@implementer(IBackend)
+class SpoolBackend:
+    """
+    A hosted domain whose users are served through a spool directory.
+
+    @ivar domain: the normalised name of the hosted domain served.
+    @ivar directory: the spool's absolute path.
+    """
+
+    log = Logger()
+
+    def __init__(self, domain: str, directory: str, pollInterval: float = 1.0):
+        self.domain = domain
+        self.directory = directory
+        self.pollInterval = pollInterval
+        self._sender: Any = None
+        self._poller: Any = None
+        self._inFlight: set[str] = set()
+        self._serial = itertools.count()
+
+    @classmethod
+    def fromConfig(cls, domainConfig: Any) -> "SpoolBackend":
+        """
+        Build the backend of a hosted domain from its validated options.
+        """
+        options = domainConfig.backendOptions
+        return cls(domainConfig.name, options["directory"], options["pollInterval"])
+
+    def _path(self, *parts: str) -> str:
+        return os.path.join(self.directory, *parts)
+
+    def start(self, sender: Any) -> None:
+        """
+        Create the spool's directories and poll the outbox; see
+        L{IBackend.start}.
+        """
+        for name in SUBDIRECTORIES:
+            os.makedirs(self._path(name), mode=0o700, exist_ok=True)
+        self._sender = sender
+        self._poller = task.LoopingCall(self.poll)
+        self._poller.clock = sender.clock
+        self._poller.start(self.pollInterval, now=True).addErrback(
+            lambda failure: self.log.failure("spool poller stopped", failure)
+        )
+
+    def stop(self) -> None:
+        """
+        Stop polling; see L{IBackend.stop}.
+        """
+        if self._poller is not None and self._poller.running:
+            self._poller.stop()
+
+    # -- sending ------------------------------------------------------------
+
+    def poll(self) -> None:
+        """
+        Send every new file in the outbox (at most L{BATCH} per poll).
+        """
+        try:
+            names = sorted(os.listdir(self._path("outbox")))
+        except OSError as e:
+            self.log.error("cannot read {path}: {e}", path=self._path("outbox"), e=e)
+            return
+        for name in names[:BATCH]:
+            if name.startswith(".") or name in self._inFlight:
+                continue
+            self._inFlight.add(name)
+            try:
+                record = self._read(name)
+            except Refused as refusal:
+                self._settle(name, refusal)
+                continue
+            sent = self._sender.sendMessage(record)
+            sent.addCallbacks(
+                lambda _, name=name: self._settle(name, None),
+                lambda failure, name=name: self._settle(name, _refusal(failure)),
+            )
+
+    def _read(self, name: str) -> Message:
+        """
+        @return: the MESSAGE an outbox file describes.
+        @raise Refused: C{malformed}, saying what is wrong with the file.
+        """
+        try:
+            with open(self._path("outbox", name), "rb") as f:
+                data = json.loads(f.read().decode("utf-8"))
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+            data.setdefault("id", name.rsplit(".json", 1)[0])
+            data.setdefault("content_type", "text/plain; charset=utf-8")
+            return Message(
+                sender=_text(data, "from"),
+                recipient=_text(data, "to"),
+                messageId=_text(data, "id"),
+                contentType=_text(data, "content_type"),
+                body=_text(data, "body").encode("utf-8"),
+            )
+        except (OSError, ValueError, TypeError) as e:
+            raise Refused(ErrorCode.MALFORMED, f"{name}: {e}") from None
+
+    def _settle(self, name: str, refusal: Any) -> None:
+        """
+        Move a sent file to C{sent/}, or a refused one to C{failed/} with
+        its reason beside it.
+        """
+        self._inFlight.discard(name)
+        source = self._path("outbox", name)
+        try:
+            if refusal is None:
+                os.replace(source, self._path("sent", name))
+                return
+            report = {"code": refusal.code, "error": refusal.token, "text": refusal.text}
+            self._writeAtomically(self._path("failed", name + ".error"), report)
+            os.replace(source, self._path("failed", name))
+        except OSError as e:
+            self.log.error("cannot settle {name}: {e}", name=name, e=e)
+        if refusal is not None:
+            self.log.info(
+                "{domain}: {name} refused: {refusal}",
+                domain=self.domain,
+                name=name,
+                refusal=str(refusal),
+            )
+
+    # -- receiving ------------------------------------------------------------
+
+    def deliverMessage(self, message: Message) -> defer.Deferred:
+        """
+        Write a delivered message to C{inbox/}; see
+        L{IBackend.deliverMessage}.  A write that fails is reported as
+        C{recipient-unavailable}, so the sender retries.
+        """
+        document = {
+            "from": message.sender,
+            "to": message.recipient,
+            "id": message.messageId,
+            "content_type": message.contentType,
+        }
+        try:
+            document["body"] = message.body.decode("utf-8")
+        except UnicodeDecodeError:
+            document["body_base64"] = base64.b64encode(message.body).decode("ascii")
+        now = int(self._sender.clock.seconds() * 1000) if self._sender else 0
+        name = f"{now:015d}-{next(self._serial):08d}.json"
+        try:
+            self._writeAtomically(self._path("inbox", name), document)
+        except OSError as e:
+            return defer.fail(
+                Refused(ErrorCode.RECIPIENT_UNAVAILABLE, f"spool write failed: {e.strerror}")
+            )
+        return defer.succeed(None)
+
+    def deliverNotification(self, notification: Any) -> defer.Deferred:
+        """
+        Notifications come with the IM-semantics work; refused until then.
+        """
+        return defer.fail(
+            Refused(ErrorCode.UNSUPPORTED, "the spool backend takes no notifications yet")
+        )
+
+    def _writeAtomically(self, path: str, document: dict) -> None:
+        """
+        Write JSON to C{tmp/} and rename it into place.
+        """
+        scratch = self._path("tmp", f".{os.getpid()}-{next(self._serial)}")
+        with open(scratch, "w", encoding="utf-8") as f:
+            json.dump(document, f, ensure_ascii=False)
+        os.replace(scratch, path)
+
+
+def _text(data: dict, key: str) -> str:
+    """
+    @return: a required string member of an outbox file.
+    @raise ValueError: it is missing or not a string.
+    """
+    value = data.get(key)
+    if not isinstance(value, str):
+        raise ValueError(f'"{key}" must be a string')
+    return value
+
+
+def _refusal(failure: Any) -> Refused:
+    """
+    @return: the L{Refused} a failed send carries, or an internal error.
+    """
+    if failure.check(Refused):
+        return failure.value
+    return Refused(ErrorCode.INTERNAL_ERROR, failure.getErrorMessage())
