@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from imxd.discovery import DiscoveryError, NoService, Target
 from imxd.peer import Refused, RemoteError
 from imxd.waiters import Waiters
-from imxd.wire import ErrorCode
+from imxd.wire import EncodeError, ErrorCode
 
 #: Redirects followed in a row for one domain before discovery is used again.
 MAX_REDIRECTS = 3
@@ -299,6 +299,8 @@ class OutboundPool:
                 continue
             except Refused:
                 raise
+            except EncodeError as e:
+                raise Refused(ErrorCode.MALFORMED, f"cannot send: {e}") from None
             except Exception as e:
                 raise Refused(
                     ErrorCode.TEMPORARY_FAILURE,

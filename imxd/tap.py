@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from imxd.aggregator import Aggregator
+from imxd.backend import BackendError
 from imxd.config import Config, ConfigError, loadConfig
 from imxd.dialback import DialbackError, loadOrCreateSecret
 
@@ -98,7 +99,10 @@ def makeService(options: Options, reactor: Any = None) -> Aggregator:
     except DialbackError as e:
         raise SystemExit(f"imxd: {config.path}: server.dialback_secret_file: {e}")
 
-    aggregator = Aggregator(config, dialbackSecret)
+    try:
+        aggregator = Aggregator(config, dialbackSecret)
+    except BackendError as e:
+        raise SystemExit(f"imxd: {config.path}: {e}")
     settings = PeerSettings(
         hostedDomains=aggregator.hostedDomains(),
         handshakeTimeout=server.timeouts.handshake,
@@ -234,7 +238,7 @@ class _ListenerService(StreamServerEndpointService):
         where = (
             f"{address.host}:{address.port}"
             if hasattr(address, "port")
-            else str(getattr(address, "name", address))
+            else os.fsdecode(getattr(address, "name", None) or str(address))
         )
         _log.info(
             "{name} listening on {where} ({description})",

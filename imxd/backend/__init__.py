@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping
 import attrs
 
 __all__ = [
+    "BackendError",
     "BackendRegistration",
     "registerBackend",
     "unregisterBackend",
@@ -24,6 +25,13 @@ __all__ = [
     "lookupBackend",
     "validateBackendOptions",
 ]
+
+class BackendError(Exception):
+    """
+    A backend cannot be built: its message is one line for the operator,
+    naming the domain and the problem.  imxd stops at start-up with it.
+    """
+
 
 BackendFactory = Callable[..., Any]
 OptionsValidator = Callable[[Mapping[str, Any], str], dict]

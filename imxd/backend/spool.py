@@ -32,6 +32,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from imxd.backend import BackendError
 from imxd.backend.interfaces import IBackend
 from imxd.peer import Refused
 from imxd.wire import ErrorCode, Message
@@ -47,8 +48,9 @@ def validateOptions(options: Mapping[str, Any], baseDirectory: str = ".") -> dic
     """
     Check the options of a C{spool} backend.
 
-    @param options: C{directory} (required; relative to C{baseDirectory})
-        and C{poll_interval} (seconds, default 1.0).
+    @param options: C{directory} (required; relative to C{baseDirectory};
+        created with its parents at start) and C{poll_interval} (seconds,
+        default 1.0).
     @return: C{{"directory": absolute path, "pollInterval": float}}.
     @raise ValueError: naming the first problem.
     """
@@ -66,9 +68,8 @@ def validateOptions(options: Mapping[str, Any], baseDirectory: str = ".") -> dic
     if interval <= 0:
         raise ValueError("poll_interval: must be greater than 0")
     path = os.path.normpath(os.path.join(baseDirectory, directory))
-    parent = os.path.dirname(path)
-    if not os.path.isdir(path) and not os.path.isdir(parent):
-        raise ValueError(f"directory: its parent directory does not exist: {path}")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"directory: not a directory: {path}")
     return {"directory": path, "pollInterval": float(interval)}
 
 
@@ -98,18 +99,34 @@ class SpoolBackend:
         Build the backend of a hosted domain from its validated options.
         """
         options = domainConfig.backendOptions
-        return cls(domainConfig.name, options["directory"], options["pollInterval"])
+        backend = cls(domainConfig.name, options["directory"], options["pollInterval"])
+        backend.prepare()
+        return backend
+
+    def prepare(self) -> None:
+        """
+        Create the spool and its sub-directories (mode 0700) if missing.
+
+        @raise BackendError: they cannot be created.
+        """
+        for name in SUBDIRECTORIES:
+            path = self._path(name)
+            try:
+                os.makedirs(path, mode=0o700, exist_ok=True)
+            except OSError as e:
+                raise BackendError(
+                    f"{self.domain}: spool directory {path}: cannot create: "
+                    f"{e.strerror or e}"
+                ) from None
 
     def _path(self, *parts: str) -> str:
         return os.path.join(self.directory, *parts)
 
     def start(self, sender: Any) -> None:
         """
-        Create the spool's directories and poll the outbox; see
-        L{IBackend.start}.
+        Poll the outbox from now on; see L{IBackend.start}.
         """
-        for name in SUBDIRECTORIES:
-            os.makedirs(self._path(name), mode=0o700, exist_ok=True)
+        self.prepare()
         self._sender = sender
         self._poller = task.LoopingCall(self.poll)
         self._poller.clock = sender.clock
