@@ -230,14 +230,19 @@ class ValidConfigTests(ConfigTestsMixin, SynchronousTestCase):
     def test_exampleConfig(self) -> None:
         """
         The example C{etc/imxd.toml} is valid and hosts C{alpha.test} and
-        C{beta.test} on the C{memory} backend.
+        C{beta.test} on the C{spool} backend, spooled under C{state/}.
         """
         here = os.path.dirname(os.path.abspath(__file__))
         path = os.path.join(os.path.dirname(here), "etc", "imxd.toml")
         config = loadConfig(path)
         self.assertEqual(
             [(d.name, d.backend) for d in config.domains],
-            [("alpha.test", "memory"), ("beta.test", "memory")],
+            [("alpha.test", "spool"), ("beta.test", "spool")],
+        )
+        state = os.path.join(os.path.dirname(here), "state")
+        self.assertEqual(
+            config.domains[0].backendOptions["directory"],
+            os.path.join(state, "spool-alpha.test"),
         )
         self.assertEqual(config.server.listen, ("tcp:port=5275:interface=127.0.0.1",))
         self.assertEqual(
@@ -510,6 +515,38 @@ class InvalidConfigTests(ConfigTestsMixin, SynchronousTestCase):
         )
         config = self.parse(minimal(state_dir="new", dialback_secret_file="new/s"))
         self.assertEqual(config.server.dialbackSecretFile, os.path.join(self.base, "new", "s"))
+
+    def test_adminSocket(self) -> None:
+        """
+        The admin socket defaults to C{<state_dir>/admin.sock}; a path given
+        is relative to the configuration file and needs an existing
+        directory (or the state directory, created at start).
+        """
+        config = self.parse(minimal(state_dir="new"))
+        self.assertEqual(
+            config.server.adminSocket, os.path.join(self.base, "new", "admin.sock")
+        )
+        config = self.parse(minimal(state_dir="new", admin_socket="new/ctl"))
+        self.assertEqual(config.server.adminSocket, os.path.join(self.base, "new", "ctl"))
+        config = self.parse(minimal(admin_socket="imxd.sock"))
+        self.assertEqual(config.server.adminSocket, os.path.join(self.base, "imxd.sock"))
+        self.assertConfigError(
+            minimal(admin_socket="nodir/ctl"), "server.admin_socket", "does not exist"
+        )
+        self.assertConfigError(minimal(admin_socket=5), "server.admin_socket", "string")
+
+    def test_connectTimeout(self) -> None:
+        """
+        C{server.timeouts.connect} is a positive number of seconds,
+        10 by default.
+        """
+        self.assertEqual(self.parse(minimal()).server.timeouts.connect, 10.0)
+        config = self.parse({**minimal(), "server": {"timeouts": {"connect": 2}}})
+        self.assertEqual(config.server.timeouts.connect, 2.0)
+        self.assertConfigError(
+            {**minimal(), "server": {"timeouts": {"connect": 0}}},
+            "server.timeouts.connect",
+        )
 
     def test_tomlSyntaxError(self) -> None:
         """

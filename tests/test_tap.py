@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import stat
 
+import attrs
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IServiceMaker
 from twisted.internet.testing import MemoryReactorClock
@@ -19,7 +20,7 @@ from imxd.backend.memory import MemoryBackend
 from imxd.peer import PeerFactory, PeerSettings
 from imxd.admin import AdminFactory
 from imxd.federation import Federation
-from imxd.tap import Options, makeService
+from imxd.tap import Options, makeService, socketPath
 
 CONFIG = """\
 [server]
@@ -228,6 +229,69 @@ class MakeServiceTests(TapTestsMixin, SynchronousTestCase):
         )
         self.successResultOf(self.service.stopService())
         self.assertFalse(self.service.running)
+
+
+class AdminSocketTests(TapTestsMixin, SynchronousTestCase):
+    """
+    The admin endpoint listens on a UNIX socket whose path fits.
+    """
+
+    def test_adminListens(self) -> None:
+        """
+        Starting the service listens on the admin socket, mode 0600 (by a
+        relative path when the test directory's absolute one is too long).
+        """
+        reactor = MemoryReactorClock()
+        service = makeService(self.options(), reactor)
+        service.privilegedStartService()
+        [(path, factory, backlog, mode, wantPID)] = reactor.unixServers
+        self.assertEqual(
+            os.path.abspath(path), os.path.join(self.base, "state", "admin.sock")
+        )
+        self.assertIsInstance(factory, AdminFactory)
+        self.assertEqual((mode, wantPID), (0o600, True))
+
+    def test_longPath(self) -> None:
+        """
+        A path longer than a UNIX socket address holds is bound relative to
+        the current directory; one too long either way stops start-up with
+        one line.
+        """
+        config = self.options().config
+        deep = os.path.join(self.base, *["d" * 50] * 3)
+        os.makedirs(deep)
+        long = attrs.evolve(
+            config, server=attrs.evolve(config.server, adminSocket=os.path.join(deep, "s"))
+        )
+        here = os.getcwd()
+        self.addCleanup(os.chdir, here)
+        os.chdir(deep)
+        self.assertEqual(socketPath(long), "s")
+        os.chdir("/")
+        error = self.assertRaises(SystemExit, socketPath, long)
+        self.assertIn("server.admin_socket: path longer", error.args[0])
+
+
+class BackendErrorTests(TapTestsMixin, SynchronousTestCase):
+    """
+    A backend that cannot be built stops start-up with one line.
+    """
+
+    def test_spoolNotCreatable(self) -> None:
+        """
+        A spool directory that cannot be created (a file is in the way)
+        stops start-up with one line naming the domain and the path.
+        """
+        open(os.path.join(self.base, "blocker"), "w").close()
+        with open(self.path, "a") as f:
+            f.write(
+                '[[domain]]\nname = "gamma.test"\nbackend = "spool"\n'
+                'backend_options = { directory = "blocker/spool" }\n'
+            )
+        error = self.assertRaises(SystemExit, makeService, self.options(), MemoryReactorClock())
+        self.assertIn("gamma.test: spool directory", error.args[0])
+        self.assertTrue(error.args[0].startswith(f"imxd: {self.path}: "))
+        self.assertNotIn("\n", error.args[0])
 
 
 class PluginTests(SynchronousTestCase):
