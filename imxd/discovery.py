@@ -15,6 +15,10 @@ from twisted.names import dns, error
 from imxd.wire import DEFAULT_PORT
 
 
+#: The most answers the discovery cache keeps.
+MAX_CACHED = 10000
+
+
 class NoService(Exception):
     """
     The domain says it offers no IMX service (a single SRV record whose
@@ -188,6 +192,26 @@ class Discovery:
         else:
             self._cache.pop(domain, None)
 
+    def _store(self, domain, answer):
+        """
+        Cache an answer.  Past L{MAX_CACHED} entries, expired answers are
+        dropped first, then those that expire soonest, so that look-ups of
+        many names (for example dial-backs for invented domains) cannot grow
+        the cache without bound.
+        """
+        cache = self._cache
+        cache[domain] = answer
+        if len(cache) <= MAX_CACHED:
+            return
+        now = self._clock.seconds()
+        for name in [n for n, a in cache.items() if a.expiry <= now]:
+            del cache[name]
+        if len(cache) > MAX_CACHED:
+            for name in sorted(cache, key=lambda n: cache[n].expiry)[
+                : len(cache) - MAX_CACHED
+            ]:
+                del cache[name]
+
     def _remember(self, domain, result):
         """
         Cache the SRV answer (or the fallback when there is none).
@@ -213,7 +237,7 @@ class Discovery:
                 now + ttl,
                 "srv",
             )
-        self._cache[domain] = answer
+        self._store(domain, answer)
         return answer
 
     def _failed(self, domain, failure):
@@ -230,7 +254,7 @@ class Discovery:
             f"DNS look-up of {srvName(domain)} failed: "
             f"{failure.type.__name__} {failure.getErrorMessage()}",
         )
-        self._cache[domain] = answer
+        self._store(domain, answer)
         return answer
 
     def _answer(self, domain, answer):

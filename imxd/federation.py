@@ -31,6 +31,7 @@ from imxd.wire import (
     DialbackKey,
     DialbackResult,
     DialbackSecret,
+    PREAMBLE,
     DialbackVerify,
     Error,
     ErrorCode,
@@ -64,7 +65,9 @@ def _pairError(code, text, pair, tag=0):
     """
     @return: an ERROR about a domain pair, naming it.
     """
-    return Error(tag=tag, code=code, text=text, fromDomain=pair[0], toDomain=pair[1])
+    return attrs.evolve(
+        Refused(code, text).toError(tag), fromDomain=pair[0], toDomain=pair[1]
+    )
 
 
 class FederationProtocol(PeerProtocol):
@@ -81,23 +84,28 @@ class FederationProtocol(PeerProtocol):
         are refused with C{shutting-down}.
     """
 
-    def __init__(self, factory, originator=False, dialledDomain=None):
+    def __init__(self, factory, originator=False, dialledDomain=None, trusted=True):
         """
         @param factory: the L{Federation}.
         @param originator: whether this side opened the connection.
         @param dialledDomain: the remote domain dialled, for an outbound
             connection.
+        @param trusted: for an outbound connection, whether its address came
+            from this server's own discovery (6.3 item 1), not from a
+            REDIRECT.
         """
         super().__init__(factory, originator)
         self.federation = factory
-        self.connectionId = factory.newConnectionId(self)
+        self.connectionId = factory.newConnectionId()
         self.dialledDomains = set() if dialledDomain is None else {dialledDomain}
+        self.trusted = originator and trusted
         self.receivablePairs = set()
         self.redirectSent = False
         self._sendablePairs = {}
         self._awaitingSecret = {}
         self._verifying = 0
         self._retired = False
+        self._drainTimer = None
         self._open = Waiters()
         self._acks = []
         self._reading = False
@@ -119,12 +127,18 @@ class FederationProtocol(PeerProtocol):
         limits (counted per source address and in total, never per claimed
         domain) or arriving while the server drains.
         """
-        super().connectionMade()
+        self.federation.registerConnection(self)
         if not self.originator:
             refusal = self.federation.admissionRefusal(self)
             if refusal is not None:
+                # Refused before HELLO, so that the peer sees a failed
+                # connection (and tries its next target), not an open one.
+                self.factory.connectionOpened(self)
                 self.factory.count("connections-over-limit")
+                self.transport.write(PREAMBLE)
                 self._refuse(refusal.code, refusal.text)
+                return
+        super().connectionMade()
 
     def helloDone(self):
         """
@@ -149,6 +163,13 @@ class FederationProtocol(PeerProtocol):
             return defer.succeed(self)
         return self._open.wait()
 
+    def carriesNothing(self):
+        """
+        @return: whether nothing uses this connection: no pair of this
+            side's, no request in flight, no pair authenticated by the peer.
+        """
+        return not (self._sendablePairs or self.pendingRequests() or self.receivablePairs)
+
     def usable(self):
         """
         @return: whether new requests may be sent on this connection.
@@ -170,6 +191,8 @@ class FederationProtocol(PeerProtocol):
             if timer.active():
                 timer.cancel()
         self._awaitingSecret.clear()
+        if self._drainTimer is not None and self._drainTimer.active():
+            self._drainTimer.cancel()
         super().connectionLost(reason)
         self._open.fire(reason)
         for waiters in self._sendablePairs.values():
@@ -271,7 +294,7 @@ class FederationProtocol(PeerProtocol):
         """
         if (origin, receiving) in self.receivablePairs:
             return True
-        return self.originator and origin in self.dialledDomains
+        return self.trusted and origin in self.dialledDomains
 
     # -- dial-back: the receiving server's side -------------------------------
 
@@ -281,6 +304,13 @@ class FederationProtocol(PeerProtocol):
         through this server's own discovery (section 10.1).
         """
         try:
+            if self.redirectSent:
+                raise Refused(ErrorCode.SHUTTING_DOWN, "this server is draining")
+            if self.originator:
+                raise Refused(
+                    ErrorCode.BAD_SEQUENCE,
+                    "DIALBACK_KEY is taken only on connections the sender opened",
+                )
             pair = _pairFields(key)
             origin, receiving = pair
             if receiving not in self.federation.hostedDomains():
@@ -374,7 +404,11 @@ class FederationProtocol(PeerProtocol):
         """
         origin = pair[0]
         if failure.check(RemoteError):
-            code = ErrorCode.DIALBACK_FAILED
+            code = (
+                ErrorCode.DIALBACK_TIMEOUT
+                if failure.value.temporary
+                else ErrorCode.DIALBACK_FAILED
+            )
             text = f"{origin} did not confirm the key: {failure.value.text or failure.value.code}"
         elif failure.check(Refused):
             code = failure.value.code
@@ -406,6 +440,7 @@ class FederationProtocol(PeerProtocol):
                 record.secret, self.connectionId, pair, self.clock.seconds()
             )
         except DialbackError as e:
+            self.federation.secrets.withdraw(self.connectionId, pair)
             self.federation.count("dialbacks-failed")
             self.log.info(
                 "dial-back {origin} -> {receiving} from {peer}: secret refused: {why}",
@@ -486,6 +521,8 @@ class FederationProtocol(PeerProtocol):
         echo the secret on that connection.
         """
         try:
+            if self.redirectSent:
+                raise Refused(ErrorCode.SHUTTING_DOWN, "this server is draining")
             connection, pair = self.federation.confirmToken(verify)
         except Refused as refusal:
             self.federation.count("verifies-refused")
@@ -535,11 +572,14 @@ class FederationProtocol(PeerProtocol):
         moved = self.federation.pool.redirect(
             self, redirect.host, redirect.port, domains
         )
+        if not moved:
+            self.factory.count("redirects-ignored")
+            return
         self.factory.count("redirects-followed")
         self.log.info(
             "{peer} redirects {domains} to {host}:{port}: {text}",
             peer=self._peerName(),
-            domains=", ".join(sorted(moved)) or "nothing",
+            domains=", ".join(sorted(moved)),
             host=redirect.host,
             port=redirect.port,
             text=redirect.text or "",
@@ -555,7 +595,7 @@ class FederationProtocol(PeerProtocol):
         self.sendRecord(Redirect(host=host, port=port, text=text))
         self.redirectSent = True
         self.stopUsing()
-        self.clock.callLater(DRAIN_GRACE, self.close, "drained")
+        self._drainTimer = self.clock.callLater(DRAIN_GRACE, self.close, "drained")
 
     def refuseRecord(self, record):
         """
@@ -681,22 +721,30 @@ class Federation(PeerFactory):
 
     # -- connections ----------------------------------------------------------
 
-    def newConnectionId(self, protocol):
+    def newConnectionId(self):
         """
-        @return: a fresh random 64-bit connection id for C{protocol}.
+        @return: a fresh random 64-bit connection id.
         """
         while True:
             connectionId = _random.randbits(64)
             if connectionId not in self._byId:
-                self._byId[connectionId] = protocol
                 return connectionId
 
-    def buildOutbound(self, domain):
+    def registerConnection(self, protocol):
         """
+        A connection is made: find it by its id from now on (until it is
+        lost), so that DIALBACK_VERIFY can name it.
+        """
+        self._byId[protocol.connectionId] = protocol
+
+    def buildOutbound(self, domain, trusted=True):
+        """
+        @param trusted: whether the address comes from this server's own
+            discovery (C{False}: from a REDIRECT).
         @return: a L{FederationProtocol} for a connection to be dialled for
             C{domain}.
         """
-        return self.protocol(self, originator=True, dialledDomain=domain)
+        return self.protocol(self, originator=True, dialledDomain=domain, trusted=trusted)
 
     def connectionClosed(self, protocol):
         """
@@ -723,14 +771,14 @@ class Federation(PeerFactory):
         if self.draining is not None:
             return Refused(ErrorCode.SHUTTING_DOWN, "this server is draining")
         limits = self.limits
-        if len(self.connections) > limits.maxConnectionsTotal:
+        if len(self.connections) >= limits.maxConnectionsTotal:
             return Refused(
                 ErrorCode.RESOURCE_LIMIT,
                 f"this server has its maximum of {limits.maxConnectionsTotal} connections",
             )
         host = _peerHost(protocol)
         fromHost = sum(1 for c in self._inbound() if _peerHost(c) == host)
-        if fromHost > limits.maxConnectionsPerAddress:
+        if fromHost >= limits.maxConnectionsPerAddress:
             return Refused(
                 ErrorCode.RESOURCE_LIMIT,
                 f"{host} already has {limits.maxConnectionsPerAddress} connections here",
@@ -782,8 +830,29 @@ class Federation(PeerFactory):
         verify = DialbackVerify(
             fromDomain=receiving, toDomain=origin, token=token, secret=secret
         )
-        opened = self.pool.connection(origin)
-        return opened.addCallback(lambda connection: connection.requestVerify(verify))
+        opened = self.pool.connection(origin, trusted=True)
+
+        def ask(connection):
+            asked = connection.requestVerify(verify)
+            asked.addBoth(self._lingerThenClose, connection)
+            return asked
+
+        return opened.addCallback(ask)
+
+    def _lingerThenClose(self, result, connection):
+        """
+        A connection opened only for dial-back checks is closed once it has
+        been unused for the dial-back timeout, rather than the idle timeout,
+        so that checks cannot pile up connections.
+        """
+
+        def closeIfUnused():
+            if connection.carriesNothing():
+                self.count("verification-closes")
+                connection.close("dial-back check done")
+
+        self.clock.callLater(self.dialbackTimeout, closeIfUnused)
+        return result
 
     def confirmToken(self, verify):
         """
@@ -804,7 +873,7 @@ class Federation(PeerFactory):
             raise Refused(ErrorCode.DIALBACK_FAILED, str(e)) from None
         if claims.node != self.tokens.node:
             raise Refused(
-                ErrorCode.DIALBACK_FAILED,
+                ErrorCode.TEMPORARY_FAILURE,
                 f"token was issued by node {claims.node!r}, not {self.tokens.node!r}",
             )
         connection = self._byId.get(claims.connectionId)
@@ -833,7 +902,10 @@ class Federation(PeerFactory):
         self.draining = (host, port)
         redirected = 0
         for protocol in self._inbound():
-            if protocol.state is PeerState.OPEN and not protocol.redirectSent:
+            if protocol.state is PeerState.AWAITING_HELLO:
+                refusal = self.admissionRefusal(protocol)
+                protocol._refuse(refusal.code, refusal.text)
+            elif protocol.state is PeerState.OPEN and not protocol.redirectSent:
                 protocol.sendRedirect(host, port, text)
                 redirected += 1
         self.log.info(

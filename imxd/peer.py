@@ -92,6 +92,7 @@ class Refused(Exception):
     """
 
     def __init__(self, code, text=None, retryAfter=None):
+        text = errorText(text)
         token = ErrorCode(code).token if code in _CODES else "unknown"
         super().__init__(f"{int(code)} {token}: {text or ''}".rstrip(": "))
         self.token = token
@@ -114,6 +115,20 @@ class Refused(Exception):
 
 
 _CODES = frozenset(int(code) for code in ErrorCode)
+
+#: The longest ERROR TEXT imxd sends, in characters (at most 4 octets each,
+#: within the field's 4096-octet bound).
+MAX_ERROR_TEXT = 1000
+
+
+def errorText(text):
+    """
+    @return: C{text} cut to L{MAX_ERROR_TEXT} characters (marked with an
+        ellipsis), so that an ERROR can always be encoded; L{None} stays.
+    """
+    if text is None or len(text) <= MAX_ERROR_TEXT:
+        return text
+    return text[: MAX_ERROR_TEXT - 1] + "\u2026"
 
 
 class RemoteError(Refused):
@@ -440,7 +455,9 @@ class PeerProtocol(Protocol):
 
     def request(self, record):
         """
-        Send a request with a fresh tag.
+        Send a request with a fresh tag.  Cancelling the L{Deferred}
+        forgets the request: an answer that comes later is ignored (and
+        counted as unmatched).
 
         @param record: a L{Record} whose tag is 0; it is sent with a new tag.
         @return: a L{Deferred} that fires with the response record (or the
@@ -448,9 +465,13 @@ class PeerProtocol(Protocol):
             reason the connection was lost.
         """
         tag = self._nextTag()
-        deferred = defer.Deferred()
+        deferred = defer.Deferred(lambda cancelled: self._pending.pop(tag, None))
         self._pending[tag] = deferred
-        self.sendRecord(attrs.evolve(record, tag=tag))
+        try:
+            self.sendRecord(attrs.evolve(record, tag=tag))
+        except EncodeError:
+            del self._pending[tag]
+            raise
         return deferred
 
     def pendingRequests(self):
@@ -512,7 +533,7 @@ class PeerProtocol(Protocol):
         )
         self.factory.count("connections-refused")
         self.state = PeerState.CLOSED
-        self.transport.write(encodeRecord(Error(tag=tag, code=code, text=text)))
+        self.transport.write(encodeRecord(Error(tag=tag, code=code, text=errorText(text))))
         self.transport.loseConnection()
         self._closeTimer = self.clock.callLater(CLOSE_GRACE, self._abort)
 

@@ -26,8 +26,15 @@ from imxd.wire import EncodeError, ErrorCode
 #: Redirects followed in a row for one domain before discovery is used again.
 MAX_REDIRECTS = 3
 
-#: The longest a redirect address replaces discovery, in seconds.
+#: The longest a redirect address replaces discovery, in seconds.  It is
+#: also cut to the expiry of the discovery answer it replaces, but kept at
+#: least L{MIN_REDIRECT_LIFETIME}.
 REDIRECT_LIFETIME = 3600.0
+MIN_REDIRECT_LIFETIME = 60.0
+
+#: Seconds a request (a DIALBACK_KEY or a Data request) may wait for its
+#: answer before it fails as temporary.
+REQUEST_TIMEOUT = 60.0
 
 #: Times a request refused with C{shutting-down} is sent again on another
 #: connection.
@@ -74,6 +81,13 @@ class _OneConnection(Factory):
         return self._protocol
 
 
+class RedirectTarget(Target):
+    """
+    An address a REDIRECT gave: connections to it are authenticated like
+    any other but do not carry the trust of this server's own discovery.
+    """
+
+
 @attrs.define
 class Redirection:
     """
@@ -117,39 +131,61 @@ class OutboundPool:
 
     # -- connections ------------------------------------------------------
 
-    def connection(self, domain):
+    def connection(self, domain, trusted=False):
         """
         An open connection dialled for C{domain}: one already open and
         usable, or a new one.
 
+        @param trusted: require a connection whose address came from this
+            server's own discovery, never from a REDIRECT (for dial-back's
+            Connection 2).
         @return: a L{Deferred} firing with the
             L{imxd.federation.FederationProtocol} once its HELLO exchange is
             done, or failing with L{Refused}.
         """
-        usable = [c for c in self._connections.get(domain, ()) if c.usable()]
+        usable = [
+            c
+            for c in self._connections.get(domain, ())
+            if c.usable() and (c.trusted or not trusted)
+        ]
         if usable:
             return defer.succeed(min(usable, key=lambda c: c.pendingRequests()))
-        waiters = self._opening.get(domain)
+        key = (domain, trusted)
+        waiters = self._opening.get(key)
         if waiters is None:
-            if len(self._connections.get(domain, ())) >= self.maxPerPeer:
-                return defer.fail(
-                    Refused(
-                        ErrorCode.RESOURCE_LIMIT,
-                        f"{self.maxPerPeer} connections to {domain} are open "
-                        "and none takes new requests",
-                    )
-                )
-            waiters = self._opening[domain] = Waiters()
+            refusal = self._openingRefusal(domain)
+            if refusal is not None:
+                return defer.fail(refusal)
+            waiters = self._opening[key] = Waiters()
             waiting = waiters.wait()
-            self._open(domain).addBoth(self._opened, domain)
+            self._open(domain, trusted).addBoth(self._opened, key)
             return waiting
         return waiters.wait()
 
-    def _opened(self, result, domain):
+    def _openingRefusal(self, domain):
+        """
+        @return: a L{Refused} if another connection to C{domain} may not be
+            opened now (per-peer cap, or the server's total), else L{None}.
+        """
+        if len(self._connections.get(domain, ())) >= self.maxPerPeer:
+            return Refused(
+                ErrorCode.RESOURCE_LIMIT,
+                f"{self.maxPerPeer} connections to {domain} are open "
+                "and none takes new requests",
+            )
+        total = self.federation.limits.maxConnectionsTotal
+        if len(self.federation.connections) >= total:
+            return Refused(
+                ErrorCode.RESOURCE_LIMIT,
+                f"this server has its maximum of {total} connections open",
+            )
+        return None
+
+    def _opened(self, result, key):
         """
         Hand the outcome of opening a connection to everyone waiting.
         """
-        self._opening.pop(domain).fire(result)
+        self._opening.pop(key).fire(result)
 
     def connections(self, domain=None):
         """
@@ -172,14 +208,16 @@ class OutboundPool:
                 self._connections.pop(domain, None)
 
     @defer.inlineCallbacks
-    def _open(self, domain):
+    def _open(self, domain, trusted):
         """
         Try each target of C{domain} in order until one completes HELLO.
         """
-        targets = yield self._targets(domain)
+        targets = yield self._targets(domain, followRedirect=not trusted)
         tried = []
         for target in targets:
-            protocol = self.federation.buildOutbound(domain)
+            protocol = self.federation.buildOutbound(
+                domain, trusted=not isinstance(target, RedirectTarget)
+            )
             try:
                 yield self._connect(target.host, target.port, protocol)
                 yield protocol.whenOpen()
@@ -210,12 +248,12 @@ class OutboundPool:
         )
 
     @defer.inlineCallbacks
-    def _targets(self, domain):
+    def _targets(self, domain, followRedirect=True):
         """
-        The addresses to try for C{domain}: a live redirect first, then
-        discovery.
+        The addresses to try for C{domain}: a live redirect first (unless
+        C{followRedirect} is false), then discovery.
         """
-        redirection = self.redirections.get(domain)
+        redirection = self.redirections.get(domain) if followRedirect else None
         found = []
         if redirection is not None:
             if redirection.expiry > self.clock.seconds():
@@ -264,13 +302,26 @@ class OutboundPool:
                     hops=hops,
                 )
                 continue
+            now = self.clock.seconds()
+            expiry = now + REDIRECT_LIFETIME
+            replaced = self.discovery.cached().get(domain)
+            if replaced is not None:
+                expiry = min(expiry, max(replaced.expiry, now + MIN_REDIRECT_LIFETIME))
             self.redirections[domain] = Redirection(
-                Target(host, port), self.clock.seconds() + REDIRECT_LIFETIME, hops
+                RedirectTarget(host, port), expiry, hops
             )
             moved.append(domain)
         return moved
 
     # -- sending -------------------------------------------------------------
+
+    def _bounded(self, deferred, what, remote):
+        """
+        Fail C{deferred} as temporary if it has not fired within
+        L{REQUEST_TIMEOUT} seconds (cancelling the request it stands for).
+        """
+        deferred.addTimeout(REQUEST_TIMEOUT, self.clock)
+        return deferred.addErrback(_timedOut, what, remote)
 
     @defer.inlineCallbacks
     def send(self, pair, record):
@@ -289,9 +340,9 @@ class OutboundPool:
         for attempt in range(1, RESEND_ATTEMPTS + 1):
             protocol = yield self.connection(remote)
             try:
-                yield protocol.authenticatePair(pair)
+                yield self._bounded(protocol.authenticatePair(pair), "dial-back", remote)
                 protocol.noteActivity()
-                answer = yield protocol.request(record)
+                answer = yield self._bounded(protocol.request(record), "an answer", remote)
             except RemoteError as e:
                 if e.code != ErrorCode.SHUTTING_DOWN or attempt == RESEND_ATTEMPTS:
                     raise
@@ -308,6 +359,17 @@ class OutboundPool:
                 ) from None
             protocol.noteActivity()
             return answer
+
+
+def _timedOut(failure, what, remote):
+    """
+    Turn a timeout into a temporary refusal.
+    """
+    failure.trap(defer.TimeoutError, defer.CancelledError)
+    raise Refused(
+        ErrorCode.TEMPORARY_FAILURE,
+        f"no {what} from {remote} within {REQUEST_TIMEOUT:g} s",
+    )
 
 
 def _reason(exception):

@@ -30,6 +30,9 @@ class Waiters:
         """
         waiting, self._waiting = self._waiting, []
         for deferred in waiting:
+            if deferred.called:
+                # Cancelled (or timed out) by its caller.
+                continue
             if isinstance(result, Failure):
                 deferred.errback(result)
             else:

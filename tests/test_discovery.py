@@ -10,6 +10,7 @@ from twisted.internet.task import Clock
 from twisted.names import dns, error
 from twisted.trial.unittest import SynchronousTestCase
 
+from imxd import discovery
 from imxd.discovery import (
     Discovery,
     DiscoveryError,
@@ -254,3 +255,34 @@ class DiscoveryTests(SynchronousTestCase):
         self.assertEqual(list(self.discovery.cached()), ["c.example"])
         self.discovery.flush()
         self.assertEqual(self.discovery.cached(), {})
+
+
+class CacheBoundTests(SynchronousTestCase):
+    """
+    The discovery cache cannot grow without bound.
+    """
+
+    def test_bounded(self):
+        """
+        Past MAX_CACHED answers, expired ones go first, then the ones that
+        expire soonest; the newest answer is always kept.
+        """
+        self.patch(discovery, "MAX_CACHED", 3)
+        clock = Clock()
+        resolver = FakeResolver()
+        for name in ("old", "a", "b", "c", "d"):
+            resolver.answers[f"_imx._tcp.{name}.example"] = error.DNSNameError()
+        finder = Discovery(resolver, clock, failureTTL=30)
+        finder.targets("old.example")
+        clock.advance(31)
+        for name in ("a.example", "b.example", "c.example"):
+            clock.advance(1)
+            finder.targets(name)
+        self.assertEqual(
+            sorted(finder._cache), ["a.example", "b.example", "c.example"]
+        )
+        clock.advance(1)
+        finder.targets("d.example")
+        self.assertEqual(
+            sorted(finder._cache), ["b.example", "c.example", "d.example"]
+        )

@@ -12,7 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from imxd.config import LimitsConfig, PolicyConfig
 from imxd.peer import PeerFactory, PeerSettings, PeerState, Refused, RemoteError
-from imxd.pool import MAX_REDIRECTS
+from imxd.pool import MAX_REDIRECTS, REQUEST_TIMEOUT, Redirection, RedirectTarget
 from imxd.wire import (
     Ack,
     DialbackKey,
@@ -734,3 +734,158 @@ class RedirectTests(FederationTestsMixin, SynchronousTestCase):
         self.successResultOf(self.deliver(self.a, record))
         self.assertEqual(len(backendOf(self.b, "b.test").messages), 2)
         self.assertEqual(backendOf(self.b2, "b.test").messages, [])
+
+
+class HardeningTests(FederationTestsMixin, SynchronousTestCase):
+    """
+    Rules that keep REDIRECT, admission and dial-back from being turned
+    against the server.
+    """
+
+    def test_verifyNeverFollowsRedirect(self):
+        """
+        Connection 2 of a dial-back is found by discovery even when a
+        REDIRECT moved the domain: an impostor at the redirect address is
+        never asked, and the real domain confirms the key.
+        """
+        impostor = self.network.server("10.0.0.66", ["a.test"], secret=b"other" * 8)
+        self.network.publish("a.test", (0, 0, 5275, "imx.10.0.0.1"))
+        self.b.pool.redirections["a.test"] = Redirection(
+            RedirectTarget("10.0.0.66", 5275), 10**9, 1
+        )
+        record = message("alice@a.test", "bob@b.test")
+        self.successResultOf(self.deliver(self.a, record))
+        self.assertEqual(backendOf(self.b, "b.test").messages, [record])
+        self.assertEqual(impostor.connections, set())
+
+    def test_redirectedConnectionNotTrusted(self):
+        """
+        A connection opened to a redirect address does not carry the
+        originator's trust: the far side's Data on it is refused until it
+        authenticates its own pair.
+        """
+        b2 = self.network.server("10.0.0.22", ["b.test"])
+        self.network.publish("b.test", (0, 0, 5275, "imx.10.0.0.2"))
+        self.successResultOf(self.deliver(self.a, message("alice@a.test", "bob@b.test")))
+        self.b.drain("10.0.0.22", 5275)
+        self.network.flush()
+        self.successResultOf(
+            self.deliver(self.a, message("alice@a.test", "bob@b.test", "m2"))
+        )
+        [redirected] = [c for c in self.a.pool.connections("b.test") if c.usable()]
+        self.assertFalse(redirected.trusted)
+        [far] = [c for c in b2.connections if not c.originator]
+        answer = far.request(message("bob@b.test", "alice@a.test", "back"))
+        self.network.flush()
+        self.assertEqual(
+            self.failureResultOf(answer, RemoteError).value.code,
+            ErrorCode.NOT_AUTHENTICATED,
+        )
+        self.assertEqual(backendOf(self.a, "a.test").messages, [])
+
+    def test_keyOnOwnConnectionRefused(self):
+        """
+        A DIALBACK_KEY arriving on a connection this server opened is
+        refused with bad-sequence.
+        """
+        self.successResultOf(self.deliver(self.a, message("alice@a.test", "bob@b.test")))
+        [far] = [c for c in self.b.connections if not c.originator]
+        answer = far.request(
+            DialbackKey(fromDomain="b.test", toDomain="a.test", token=b"\x01" * 60)
+        )
+        self.network.flush()
+        self.assertEqual(
+            self.failureResultOf(answer, RemoteError).value.code,
+            ErrorCode.BAD_SEQUENCE,
+        )
+
+    def test_refusedTargetFailsOver(self):
+        """
+        A server that refuses a connection (here: draining) does so before
+        HELLO, so the pool tries the next SRV target.
+        """
+        b2 = self.network.server("10.0.0.22", ["b.test"])
+        self.network.publish(
+            "b.test", (0, 0, 5275, "imx.10.0.0.2"), (10, 0, 5275, "imx.10.0.0.22")
+        )
+        self.b.drain("10.0.0.99", 5275)
+        record = message("alice@a.test", "bob@b.test")
+        self.successResultOf(self.deliver(self.a, record))
+        self.assertEqual(backendOf(b2, "b.test").messages, [record])
+
+    def test_longErrorText(self):
+        """
+        A refusal whose text is longer than an ERROR can carry is cut, so
+        the request is still answered.
+        """
+        backendOf(self.b, "b.test").deliverMessage = lambda m: fail(
+            Refused(ErrorCode.UNKNOWN_USER, "x" * 10000)
+        )
+        sent = self.deliver(self.a, message("alice@a.test", "nobody@b.test"))
+        refusal = self.failureResultOf(sent, RemoteError).value
+        self.assertEqual(refusal.code, ErrorCode.UNKNOWN_USER)
+        self.assertLessEqual(len(refusal.text), 1000)
+
+    def test_noConnectionIdLeak(self):
+        """
+        Failed connection attempts leave nothing behind: only live
+        connections can be named by a dial-back token.
+        """
+        self.network.publish("x.test", (0, 0, 5275, "imx.10.0.0.98"))
+        for n in range(5):
+            self.failureResultOf(self.deliver(self.a, message("alice@a.test", f"u{n}@x.test")))
+        self.assertEqual(set(self.a._byId.values()), self.a.connections)
+
+    def test_drainRefusesDialback(self):
+        """
+        After REDIRECT, a DIALBACK_KEY on the old connection is answered
+        shutting-down; a connection still in HELLO when the drain begins is
+        refused.
+        """
+        stranger = self.stranger(self.b)
+        waiting = Stranger(PeerFactory(self.network.clock, PeerSettings()))
+        server = self.network.connect(self.b, waiting, "10.6.6.7", "10.0.0.2", 5275)
+        self.b.drain("10.0.0.22", 5275)
+        self.network.flush()
+        self.assertIs(server.state, PeerState.CLOSED)
+        answer = self.ask(stranger, DialbackKey(fromDomain="a.test", toDomain="b.test", token=b"t"))
+        self.assertEqual(answer.code, ErrorCode.SHUTTING_DOWN)
+
+    def test_requestTimeout(self):
+        """
+        A message the peer never answers fails as temporary after the
+        request timeout; an answer arriving later is ignored.
+        """
+        self.successResultOf(self.deliver(self.a, message("alice@a.test", "bob@b.test")))
+        late = Deferred()
+        backendOf(self.b, "b.test").deliverMessage = lambda m: late
+        sent = self.deliver(self.a, message("alice@a.test", "bob@b.test", "m2"))
+        self.network.clock.advance(REQUEST_TIMEOUT + 1)
+        refusal = self.failureResultOf(sent, Refused).value
+        self.assertEqual(refusal.code, ErrorCode.TEMPORARY_FAILURE)
+        late.callback(None)
+        self.network.flush()
+        self.assertEqual(self.a.counters["unmatched-responses"], 1)
+
+    def test_hopLimitKeepsConnection(self):
+        """
+        A REDIRECT refused by the hop limit leaves the connection in use.
+        """
+        self.successResultOf(self.deliver(self.a, message("alice@a.test", "bob@b.test")))
+        [connection] = self.a.pool.connections("b.test")
+        for n in range(MAX_REDIRECTS):
+            self.a.pool.redirect(connection, "10.0.0.22", 5275, ())
+        connection._handleRedirect(Redirect(host="10.0.0.23", port=5275))
+        self.assertTrue(connection.usable())
+        self.assertEqual(self.a.counters["redirects-ignored"], 1)
+
+    def test_verificationConnectionClosed(self):
+        """
+        A connection opened only for a dial-back check is closed once the
+        check is done and the dial-back timeout has passed unused.
+        """
+        self.successResultOf(self.deliver(self.a, message("alice@a.test", "bob@b.test")))
+        [check] = [c for c in self.b.connections if c.originator]
+        self.network.advance(16)
+        self.assertIs(check.state, PeerState.CLOSED)
+        self.assertEqual(self.b.counters["verification-closes"], 1)

@@ -8,6 +8,8 @@ on 127.0.0.4.  c.test's SRV records list a dead target before C.
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -61,6 +63,8 @@ class LiveFederation:
         for server in self.servers.values():
             server.stop()
         self.dns.stop()
+        for directory in {os.path.dirname(s.directory) for s in self.servers.values()}:
+            shutil.rmtree(directory, ignore_errors=True)
 
     def server(self, address):
         return self.servers[DOMAINS[address.split("@")[1]]]

@@ -40,6 +40,13 @@ from imxd.wire import ErrorCode, Message
 #: Outbox files picked up per poll at most.
 BATCH = 1000
 
+#: Seconds a message refused with a temporary error is retried before it
+#: is given up and moved to C{failed/}.
+GIVE_UP_AFTER = 86400.0
+
+#: The longest wait between two tries of one message, in seconds.
+MAX_BACKOFF = 300.0
+
 #: The sub-directories of a spool.
 SUBDIRECTORIES = ("outbox", "sent", "failed", "inbox", "tmp")
 
@@ -91,6 +98,7 @@ class SpoolBackend:
         self._sender: Any = None
         self._poller: Any = None
         self._inFlight: set[str] = set()
+        self._retries: dict[str, tuple[float, int, float]] = {}
         self._serial = itertools.count()
 
     @classmethod
@@ -152,8 +160,12 @@ class SpoolBackend:
         except OSError as e:
             self.log.error("cannot read {path}: {e}", path=self._path("outbox"), e=e)
             return
+        now = self._sender.clock.seconds()
         for name in names[:BATCH]:
             if name.startswith(".") or name in self._inFlight:
+                continue
+            retry = self._retries.get(name)
+            if retry is not None and retry[2] > now:
                 continue
             self._inFlight.add(name)
             try:
@@ -195,6 +207,9 @@ class SpoolBackend:
         its reason beside it.
         """
         self._inFlight.discard(name)
+        if refusal is not None and refusal.temporary and self._later(name, refusal):
+            return
+        self._retries.pop(name, None)
         source = self._path("outbox", name)
         try:
             if refusal is None:
@@ -212,6 +227,29 @@ class SpoolBackend:
                 name=name,
                 refusal=str(refusal),
             )
+
+    def _later(self, name: str, refusal: Refused) -> bool:
+        """
+        Schedule another try of a message refused with a temporary error:
+        exponential backoff (1, 2, 4 ... L{MAX_BACKOFF} seconds) or the
+        peer's RETRY_AFTER, for at most L{GIVE_UP_AFTER} seconds.
+
+        @return: C{False} when the message has been tried for too long.
+        """
+        now = self._sender.clock.seconds()
+        first, attempts, _ = self._retries.get(name, (now, 0, now))
+        if now - first >= GIVE_UP_AFTER:
+            return False
+        delay = refusal.retryAfter or min(MAX_BACKOFF, 2.0**attempts)
+        self._retries[name] = (first, attempts + 1, now + delay)
+        self.log.info(
+            "{domain}: {name} refused for now ({refusal}); trying again in {delay:g} s",
+            domain=self.domain,
+            name=name,
+            refusal=str(refusal),
+            delay=delay,
+        )
+        return True
 
     # -- receiving ------------------------------------------------------------
 
