@@ -134,6 +134,14 @@ class Network:
         clientAddress = IPv4Address("TCP", fromHost, next(self._ports))
         serverAddress = IPv4Address("TCP", ip, port)
         serverProtocol = server.buildProtocol(clientAddress)
+        return self.join(serverProtocol, protocol, serverAddress, clientAddress)
+
+    def join(self, serverProtocol, protocol, serverAddress, clientAddress):
+        """
+        Join two protocols by an in-memory connection pumped by L{flush}.
+
+        @return: C{serverProtocol}.
+        """
         pump = iosim.connect(
             serverProtocol,
             iosim.FakeTransport(serverProtocol, True, serverAddress, clientAddress),
@@ -144,6 +152,22 @@ class Network:
         )
         self.pumps.append(pump)
         return serverProtocol
+
+    def answer(self, protocol, record):
+        """
+        Send a request from C{protocol}, let the network run, and return
+        its answer: a record, or the L{RemoteError} of an ERROR.
+
+        @raise AssertionError: no answer came.
+        """
+        answer = protocol.request(record)
+        self.flush()
+        results = []
+        answer.addBoth(results.append)
+        if len(results) != 1:
+            raise AssertionError(f"no answer to {type(record).__name__}")
+        result = results[0]
+        return result.value if hasattr(result, "value") else result
 
     def flush(self):
         """

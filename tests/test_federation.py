@@ -102,13 +102,7 @@ class FederationTestsMixin:
         Send a request from a stranger and return its answer (record or
         L{RemoteError}).
         """
-        answer = protocol.request(record)
-        self.network.flush()
-        results = []
-        answer.addBoth(results.append)
-        self.assertEqual(len(results), 1, "no answer")
-        result = results[0]
-        return result.value if hasattr(result, "value") else result
+        return self.network.answer(protocol, record)
 
 
 class RoutingTests(FederationTestsMixin, SynchronousTestCase):
