@@ -9,7 +9,7 @@ out other local users.
 import attrs
 
 from imxd.peer import PeerFactory, PeerProtocol, PeerState
-from imxd.wire import Ack, Drain, Status, StatusResult
+from imxd.wire import Ack, Drain, Error, ErrorCode, Status, StatusResult
 
 #: Seconds of silence before the admin endpoint drops a client.
 ADMIN_IDLE = 300.0
@@ -36,6 +36,19 @@ class AdminProtocol(PeerProtocol):
         lines = tuple(f"{name}={value}" for name, value in self.factory.status())
         self.noteActivity()
         self.sendRecord(StatusResult(tag=status.tag, attributes=lines))
+
+    def refuseRecord(self, record):
+        """
+        Anything but DRAIN and STATUS (Data included) is not served here.
+        """
+        self.factory.count("records-refused")
+        self.sendRecord(
+            Error(
+                tag=record.tag,
+                code=ErrorCode.UNSUPPORTED,
+                text=f"{type(record).__name__} is not served on the admin endpoint",
+            )
+        )
 
 
 def _adminTables():

@@ -99,10 +99,21 @@ class BlockingPeer:
             software="imxctl",
             toDomain=toDomain,
         )
-        self._socket.sendall(PREAMBLE + encodeRecord(hello))
+        self._send(PREAMBLE + encodeRecord(hello))
         answer = self._next()
         if not isinstance(answer, Hello):
             raise AdminError(f"the server answered {type(answer).__name__}, not HELLO")
+
+    def _send(self, data: bytes) -> None:
+        """
+        Write to the server.
+
+        @raise AdminError: it has gone away.
+        """
+        try:
+            self._socket.sendall(data)
+        except OSError as e:
+            raise AdminError(f"the server closed the connection: {e.strerror or e}") from None
 
     def _next(self):
         """
@@ -127,7 +138,7 @@ class BlockingPeer:
 
         @raise AdminError: the server answered ERROR.
         """
-        self._socket.sendall(encodeRecord(record))
+        self._send(encodeRecord(record))
         while True:
             answer = self._next()
             if isinstance(answer, Error):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import sys
 
 from twisted.application import service
@@ -212,7 +213,7 @@ class AdminProtocolTests(AdminTestsMixin, SynchronousTestCase):
         client = self.connectAdmin()
         answer = self.ask(client, message("bob@b.test", "alice@a.test"))
         self.assertIsInstance(answer, RemoteError)
-        self.assertGreaterEqual(answer.code, 500)
+        self.assertEqual(answer.code, ErrorCode.UNSUPPORTED)
         self.assertEqual(self.aggregator.domain("a.test").backend.messages, [])
         self.assertEqual(self.admin.counters["records-refused"], 1)
         self.assertIs(client.state, PeerState.OPEN)
@@ -364,6 +365,16 @@ class ImxctlTests(AdminTestsMixin, SynchronousTestCase):
         """
         path = self.write("admin.sock", "")
         self.assertOneError(["-s", path, "status"], path)
+
+    def test_serverGone(self):
+        """
+        A server that closes before imxctl writes gives L{AdminError}, not
+        a broken pipe.
+        """
+        ours, theirs = socket.socketpair()
+        theirs.close()
+        self.addCleanup(ours.close)
+        self.assertRaises(imxctl.AdminError, imxctl.BlockingPeer, ours)
 
     def test_configMissing(self):
         """

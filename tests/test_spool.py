@@ -507,6 +507,28 @@ class SendingTests(SpoolTestsMixin, SynchronousTestCase):
         self.sender.clock.advance(self.pollInterval)
         self.assertEqual([m.messageId for m in self.sender.messages()], ["a", "b", "c"])
 
+    def test_waitingFilesDoNotStarve(self):
+        """
+        Files in flight or waiting for a retry do not use up a poll's
+        batch: a new file behind them is still sent.
+        """
+        self.patch(spool, "BATCH", 2)
+        for name in ("a.json", "b.json"):
+            self.writeOutbox(name, outgoing())
+        self.start()
+        self.writeOutbox("c.json", outgoing())
+        self.sender.clock.advance(self.pollInterval)
+        self.assertEqual([m.messageId for m in self.sender.messages()], ["a", "b", "c"])
+
+    def test_idOnlyFromJsonSuffix(self):
+        """
+        The default id drops a final C{.json} only: C{a.json.bak} keeps its
+        whole name.
+        """
+        self.writeOutbox("a.json.bak", outgoing())
+        self.start()
+        self.assertEqual([m.messageId for m in self.sender.messages()], ["a.json.bak"])
+
     def test_pollRepeats(self):
         """
         The outbox is read at start and then every poll interval of the
@@ -826,6 +848,7 @@ class ReceivingTests(SpoolTestsMixin, SynchronousTestCase):
         failure = self.failureResultOf(self.backend.deliverMessage(message), Refused)
         self.assertEqual(failure.value.code, ErrorCode.RECIPIENT_UNAVAILABLE)
         self.assertTrue(failure.value.temporary)
+        self.assertEqual(os.listdir(self.path("tmp")), [])
 
     def test_notificationsRefused(self):
         """

@@ -23,6 +23,7 @@ UTF-8.
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import json
 import os
@@ -161,12 +162,8 @@ class SpoolBackend:
             self.log.error("cannot read {path}: {e}", path=self._path("outbox"), e=e)
             return
         now = self._sender.clock.seconds()
-        for name in names[:BATCH]:
-            if name.startswith(".") or name in self._inFlight:
-                continue
-            retry = self._retries.get(name)
-            if retry is not None and retry[2] > now:
-                continue
+        ready = [name for name in names if self._ready(name, now)]
+        for name in ready[:BATCH]:
             self._inFlight.add(name)
             try:
                 record = self._read(name)
@@ -179,6 +176,16 @@ class SpoolBackend:
                 lambda failure, name=name: self._settle(name, _refusal(failure)),
             )
 
+    def _ready(self, name: str, now: float) -> bool:
+        """
+        @return: whether an outbox file is to be sent now: not a dot-file,
+            not in flight, not waiting for its next try.
+        """
+        if name.startswith(".") or name in self._inFlight:
+            return False
+        retry = self._retries.get(name)
+        return retry is None or retry[2] <= now
+
     def _read(self, name: str) -> Message:
         """
         @return: the MESSAGE an outbox file describes.
@@ -189,7 +196,7 @@ class SpoolBackend:
                 data = json.loads(f.read().decode("utf-8"))
             if not isinstance(data, dict):
                 raise ValueError("not a JSON object")
-            data.setdefault("id", name.rsplit(".json", 1)[0])
+            data.setdefault("id", name[: -len(".json")] if name.endswith(".json") else name)
             data.setdefault("content_type", "text/plain; charset=utf-8")
             return Message(
                 sender=_text(data, "from"),
@@ -292,9 +299,14 @@ class SpoolBackend:
         Write JSON to C{tmp/} and rename it into place.
         """
         scratch = self._path("tmp", f".{os.getpid()}-{next(self._serial)}")
-        with open(scratch, "w", encoding="utf-8") as f:
-            json.dump(document, f, ensure_ascii=False)
-        os.replace(scratch, path)
+        try:
+            with open(scratch, "w", encoding="utf-8") as f:
+                json.dump(document, f, ensure_ascii=False)
+            os.replace(scratch, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.remove(scratch)
+            raise
 
 
 def _text(data: dict, key: str) -> str:
