@@ -99,6 +99,15 @@ def makeService(options: Options, reactor: Any = None) -> Aggregator:
     except DialbackError as e:
         raise SystemExit(f"imxd: {config.path}: server.dialback_secret_file: {e}")
 
+    for index, domain in enumerate(config.domains):
+        if domain.policy.tls == "required":
+            # Fail closed: plaintext peering must never stand in for a
+            # TLS requirement.
+            raise SystemExit(
+                f"imxd: {config.path}: domain[{index}].policy.tls: 'required' "
+                "cannot be honoured yet (TLS peering is not built); "
+                "use 'offered' or 'off'"
+            )
     try:
         aggregator = Aggregator(config, dialbackSecret)
     except BackendError as e:

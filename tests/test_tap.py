@@ -294,6 +294,30 @@ class BackendErrorTests(TapTestsMixin, SynchronousTestCase):
         self.assertNotIn("\n", error.args[0])
 
 
+class TLSRequiredTests(TapTestsMixin, SynchronousTestCase):
+    """
+    Until TLS peering exists, a domain that requires it stops start-up
+    rather than peer in plaintext.
+    """
+
+    def test_refused(self) -> None:
+        """
+        C{tls = "required"} stops start-up with one line naming the key.
+        """
+        for name in ("cert.pem", "key.pem"):
+            open(os.path.join(self.base, name), "w").close()
+        with open(self.path, "a") as f:
+            f.write(
+                '[[domain]]\nname = "gamma.test"\nbackend = "memory"\n'
+                'certificate = "cert.pem"\nkey = "key.pem"\n'
+                '[domain.policy]\ntls = "required"\n'
+            )
+        error = self.assertRaises(SystemExit, makeService, self.options(), MemoryReactorClock())
+        self.assertEqual(
+            error.args[0].split(": ", 3)[:3], ["imxd", self.path, "domain[2].policy.tls"]
+        )
+
+
 class PluginTests(SynchronousTestCase):
     """
     The twistd dropin names the tap module.
