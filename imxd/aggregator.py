@@ -53,10 +53,9 @@ class VirtualDomain(service.Service):
         super().startService()
         self.backend.start(self)
         self._log.info(
-            "Hosting {domain} (backend {backend}, TLS {tls})",
+            "Hosting {domain} (backend {backend})",
             domain=self.config.name,
             backend=self.config.backend,
-            tls=self.config.policy.tls,
         )
 
     def stopService(self):
