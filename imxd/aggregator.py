@@ -14,15 +14,19 @@ from twisted.application import service
 from twisted.logger import Logger
 
 from imxd.backend import lookupBackend
-from twisted.internet.defer import Deferred, fail
+from imxd.backend.interfaces import IDomainService
+from twisted.internet.defer import Deferred, fail, maybeDeferred
+from zope.interface import implementer
 
 from imxd.config import Config, DomainConfig
 from imxd.peer import Refused
+from imxd.presence import Presence
 from imxd.wire import ErrorCode, Message
 
 __all__ = ["VirtualDomain", "Aggregator"]
 
 
+@implementer(IDomainService)
 class VirtualDomain(service.Service):
     """
     One hosted domain: its configuration and its backend adapter.
@@ -45,6 +49,7 @@ class VirtualDomain(service.Service):
         self.config = config
         self.name = config.name
         self.backend = lookupBackend(config.backend).factory(config)
+        self.presence = Presence(self)
 
     def startService(self) -> None:
         """
@@ -72,22 +77,98 @@ class VirtualDomain(service.Service):
         """
         return self.parent.federation.clock
 
-    def sendMessage(self, message: Message) -> Deferred:
+    @property
+    def serverConfig(self):
         """
-        Route a message from a user of this domain: to another hosted domain
-        in process, or to the remote domain's server.
+        The process's L{imxd.config.ServerConfig}, once part of an
+        Aggregator.
+        """
+        return self.parent.config.server if self.parent is not None else None
 
-        @param message: an L{imxd.wire.Message} (tag 0) whose sender is an
-            address of this domain.
-        @return: a L{Deferred} firing with the receiving server's answer
-            once it has accepted the message, or failing with
-            L{imxd.peer.Refused} (C{sender-mismatch} if the sender is not of
-            this domain).
+    # -- IDomainService ------------------------------------------------------
+
+    def route(self, record) -> Deferred:
+        """
+        Send a Data record from this domain: to another hosted domain in
+        process, or to the remote domain's server.
+
+        @return: a L{Deferred} firing with the answer (an ACK or a response
+            record), or failing with L{imxd.peer.Refused}
+            (C{sender-mismatch} if the sender is not of this domain).
         """
         router = self.parent.router if self.parent is not None else None
         if router is None:
             return fail(Refused(ErrorCode.SHUTTING_DOWN, "imxd is not routing"))
-        return router.send(message, self.name)
+        return router.send(record, self.name)
+
+    def sendMessage(self, message: Message) -> Deferred:
+        """
+        See L{IDomainService.sendMessage}.
+        """
+        return self.route(message)
+
+    def subscribe(self, subscriber: str, publisher: str) -> Deferred:
+        """
+        See L{IDomainService.subscribe}.
+        """
+        return self.presence.subscribe(subscriber, publisher)
+
+    def unsubscribe(self, subscriber: str, publisher: str) -> Deferred:
+        """
+        See L{IDomainService.unsubscribe}.
+        """
+        return self.presence.unsubscribe(subscriber, publisher)
+
+    def decide(self, publisher: str, subscriber: str, grant: bool) -> Deferred:
+        """
+        See L{IDomainService.decide}.
+        """
+        return self.presence.decide(publisher, subscriber, grant)
+
+    def publishPresence(self, user: str, presence: str, status=None) -> Deferred:
+        """
+        See L{IDomainService.publishPresence}.
+        """
+        return self.presence.publish(user, presence, status)
+
+    def remoteAttributes(self, requester: str, target: str) -> Deferred:
+        """
+        See L{IDomainService.remoteAttributes}.
+        """
+        return self.presence.remoteAttributes(requester, target)
+
+    # -- receiving ----------------------------------------------------------
+
+    def receive(self, record) -> Deferred:
+        """
+        A Data record for this domain (tag 0).  A MESSAGE is checked against
+        the domain's accepted types and size, then handed to the backend;
+        the rest goes to the presence service.
+
+        @return: a L{Deferred} firing with the response record, or L{None}
+            for an ACK; or failing with L{imxd.peer.Refused}.
+        """
+        if not isinstance(record, Message):
+            return self.presence.receive(record)
+        config = self.config
+        mediaType = record.contentType.split(";", 1)[0].strip().lower()
+        if mediaType not in config.acceptedTypes:
+            return fail(
+                Refused(
+                    ErrorCode.MEDIA_TYPE_REFUSED,
+                    f"{self.name} accepts {', '.join(config.acceptedTypes)}, "
+                    f"not {mediaType}",
+                )
+            )
+        if len(record.body) > config.maxMessageSize:
+            return fail(
+                Refused(
+                    ErrorCode.MESSAGE_TOO_LARGE,
+                    f"{len(record.body)} octets; {self.name} accepts at most "
+                    f"{config.maxMessageSize}",
+                )
+            )
+        return maybeDeferred(self.backend.deliverMessage, record)
 
     def __repr__(self) -> str:
         return f"<VirtualDomain {self.config.name} backend={self.config.backend}>"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import re
 import tomllib
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, Optional
@@ -184,6 +185,10 @@ class DomainConfig:
     @ivar certificate: absolute path of the PEM certificate, or L{None}.
     @ivar key: absolute path of the PEM private key, or L{None}.
     @ivar policy: the L{PolicyConfig}.
+    @ivar subscriptionTimeout: seconds a granted presence subscription to
+        one of this domain's users lasts unless renewed.
+    @ivar maxMessageSize: largest message BODY accepted, in octets.
+    @ivar acceptedTypes: media types accepted in MESSAGE, lower-case.
     """
 
     name: str
@@ -192,6 +197,9 @@ class DomainConfig:
     certificate: Optional[str]
     key: Optional[str]
     policy: PolicyConfig
+    subscriptionTimeout: int = 1800
+    maxMessageSize: int = 32768
+    acceptedTypes: tuple[str, ...] = ("text/plain", "text/html-lite")
 
 
 @attrs.frozen
@@ -662,6 +670,16 @@ def _finishDomain(values: dict, where: _Where) -> dict:
     return {**values, "backendOptions": MappingProxyType(dict(options))}
 
 
+_MEDIA_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*\Z")
+
+
+def _mediaType(value: Any, where: _Where) -> str:
+    value = _nonEmptyString(value, where).lower()
+    if not _MEDIA_TYPE.match(value):
+        raise where.error(f"not a media type (type/subtype): {value!r}")
+    return value
+
+
 def _backendKind(value: Any, where: _Where) -> str:
     value = _nonEmptyString(value, where)
     kinds = backendKinds()
@@ -741,6 +759,14 @@ _DOMAIN = _table(
     _Key("certificate", "certificate", _existingFile, ""),
     _Key("key", "key", _existingFile, ""),
     _Key("policy", "policy", _POLICY, {}),
+    _Key("subscription_timeout", "subscriptionTimeout", _integer(60, 86400), 1800),
+    _Key("max_message_size", "maxMessageSize", _integer(1024, 16 * 1024 * 1024), 32768),
+    _Key(
+        "accepted_types",
+        "acceptedTypes",
+        _listOf(_mediaType, minimum=1, unique=True),
+        ["text/plain", "text/html-lite"],
+    ),
     finish=_finishDomain,
 )
 

@@ -281,10 +281,20 @@ class FederationProtocol(PeerProtocol):
         self.factory.count("data-received")
         delivered = self.federation.router.deliver(record, origin, receiving)
         delivered.addCallbacks(
-            lambda _: self.acknowledge(record.tag),
-            self._answerRefusal,
+            self._answerAccepted,
+            callbackArgs=(record.tag,),
+            errback=self._answerRefusal,
             errbackArgs=(record.tag, f"delivery of {type(record).__name__}"),
         )
+
+    def _answerAccepted(self, response, tag):
+        """
+        A request was accepted: ACK it, or send its response record.
+        """
+        if response is None:
+            self.acknowledge(tag)
+        elif self.state is not PeerState.CLOSED:
+            self.sendRecord(attrs.evolve(response, tag=tag, response=True))
 
     def _trusts(self, origin, receiving):
         """

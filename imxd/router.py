@@ -124,13 +124,14 @@ class Router:
 
     def deliver(self, record, origin, receiving):
         """
-        Hand a record for a hosted domain to that domain's backend, without
-        the tag it had on its connection.
+        Hand a record for a hosted domain to that domain (its backend, or
+        its presence service), without the tag it had on its connection.
 
         @param origin: the authenticated (or hosted) origin domain.
         @param receiving: the hosted domain it is for.
-        @return: a L{Deferred} firing once the backend has accepted it, or
-            failing with L{Refused}.
+        @return: a L{Deferred} firing once it has been accepted, with the
+            response record for requests that have one (L{None} for an
+            ACK), or failing with L{Refused}.
         """
         domain = self.aggregator.domain(receiving)
         if domain is None:
@@ -141,13 +142,6 @@ class Router:
             return defer.fail(
                 Refused(ErrorCode.BLOCKED, f"{receiving} does not accept traffic from {origin}")
             )
-        if not isinstance(record, Message):
-            return defer.fail(
-                Refused(
-                    ErrorCode.UNSUPPORTED,
-                    f"{type(record).__name__} is not served by this server yet",
-                )
-            )
         if record.tag:
             record = attrs.evolve(record, tag=0)
-        return defer.maybeDeferred(domain.backend.deliverMessage, record)
+        return domain.receive(record)

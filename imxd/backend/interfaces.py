@@ -1,41 +1,41 @@
 """
 Interfaces between imxd and backend adapters.
 
-L{IBackend} is what imxd asks of a backend.  This is its first part; reading
-user attributes, deciding subscription requests and the interface for what a
-backend asks of imxd come in later work.
+L{IBackend} is what imxd asks of a backend (one per hosted domain).
+L{IDomainService} is what a backend asks of imxd: the hosted domain's
+L{imxd.aggregator.VirtualDomain}, handed to the backend in
+L{IBackend.start}.  Addresses are canonical C{local@domain} strings.  Every
+method that can take time returns a L{twisted.internet.defer.Deferred}; a
+refusal is a failure with L{imxd.peer.Refused}, whose code travels back to
+the sender (never a silent drop).
 """
 
 from zope.interface import Attribute, Interface
+
+#: Subscription decisions a backend may give.
+DECISIONS = ("granted", "denied", "pending")
 
 
 class IBackend(Interface):
     """
     A private IM system bridged to one hosted domain.
-
-    Every method returns a L{twisted.internet.defer.Deferred}.  It fires with
-    L{None} once the backend has taken responsibility for the item (stored or
-    handed to the recipient), or fails when the backend refuses it; the
-    failure is reported back to the sending server, never dropped.
     """
 
     domain = Attribute("The normalised name of the hosted domain served.")
 
     def start(sender):
         """
-        imxd is ready: the backend may now send.  Called once when the
-        hosted domain starts.
+        imxd is ready: the backend may now call C{sender}.  Called once when
+        the hosted domain starts.
 
-        @param sender: the hosted domain's
-            L{imxd.aggregator.VirtualDomain}; its C{sendMessage} routes a
-            message from a user of this domain.
+        @param sender: the hosted domain, an L{IDomainService}.
         @return: L{None}, or a L{Deferred} that fires when the backend is
             ready.
         """
 
     def stop():
         """
-        imxd is stopping: stop sending and release resources.
+        imxd is stopping: stop calling it and release resources.
 
         @return: L{None}, or a L{Deferred} that fires when done.
         """
@@ -44,20 +44,117 @@ class IBackend(Interface):
         """
         Deliver a message that arrived for a user of this domain.
 
-        @param message: the message: its envelope (sender, recipients, id)
-            and its body, which servers do not parse in transit.
+        @param message: an L{imxd.wire.Message} (tag 0): envelope (sender,
+            recipient, messageId), contentType and body, which servers do
+            not parse in transit.
         @return: a L{Deferred} that fires with L{None} when the backend has
-            accepted the message, or fails with the reason it refused it.
+            accepted the message (delivered or stored), or fails with
+            L{imxd.peer.Refused} (C{unknown-user}, C{blocked},
+            C{recipient-unavailable}, ...).
         """
 
     def deliverNotification(notification):
         """
-        Deliver a notification (for example a presence change) to users of
-        this domain.
+        Deliver a presence change to users of this domain who subscribed to
+        the publisher.
 
-        @param notification: the notification: its sender, its recipients
-            in this domain and its content.
-        @return: a L{Deferred} that fires with L{None} when the backend has
-            accepted the notification, or fails with the reason it refused
-            it.
+        @param notification: an L{imxd.wire.Notify}: publisher, subscribers
+            (all of this domain), presence (C{online}, C{away}, C{busy},
+            C{offline}, or C{unknown} when a subscription lapsed) and
+            status.
+        @return: a L{Deferred} firing with L{None} once accepted.
+        """
+
+    def decideSubscription(subscriber, publisher):
+        """
+        Someone asks to see the presence of C{publisher}, a user of this
+        domain.
+
+        @return: a L{Deferred} firing with C{"granted"}, C{"denied"} or
+            C{"pending"} (the user decides later, through
+            L{IDomainService.decide}), or failing with C{unknown-user}.
+        """
+
+    def subscriptionChanged(subscriber, publisher, state):
+        """
+        A subscription of C{subscriber}, a user of this domain, changed
+        state: C{pending}, C{granted}, C{denied}, C{cancelled} or
+        C{expired}.
+
+        @return: L{None} or a L{Deferred}.
+        """
+
+    def userAttributes(user, requester):
+        """
+        The attributes of C{user}, a user of this domain, that C{requester}
+        may see (section 13 of C{docs/protocol.md}: C{alias}, C{presence},
+        C{status}, C{capabilities}, C{max-message-size}, ...).  imxd itself
+        removes C{presence} and C{status} for requesters without a granted
+        subscription (6.2.2 item 1).
+
+        @return: a L{Deferred} firing with a C{{name: value}} dict, or
+            failing with C{unknown-user}.
+        """
+
+
+class IDomainService(Interface):
+    """
+    What a backend asks of imxd for its hosted domain.  Every address the
+    backend acts for must be of this domain (C{sender-mismatch} otherwise).
+    """
+
+    name = Attribute("The normalised name of the hosted domain.")
+    clock = Attribute("An IReactorTime provider, for backends that schedule work.")
+
+    def sendMessage(message):
+        """
+        Send a message from a user of this domain.
+
+        @param message: an L{imxd.wire.Message} with tag 0.
+        @return: a L{Deferred} firing once the receiving server has
+            accepted it, or failing with L{imxd.peer.Refused}.
+        """
+
+    def subscribe(subscriber, publisher):
+        """
+        C{subscriber} wants C{publisher}'s presence, for as long as it does
+        not unsubscribe: imxd requests and renews the subscription.
+
+        @return: a L{Deferred} firing with the first state (C{granted},
+            C{pending} or C{denied}).
+        """
+
+    def unsubscribe(subscriber, publisher):
+        """
+        Stop renewing and cancel the subscription.
+
+        @return: a L{Deferred} firing when the publisher's server has been
+            told (or at once if it could not be reached).
+        """
+
+    def decide(publisher, subscriber, grant):
+        """
+        The user C{publisher} decides a pending request.
+
+        @param grant: C{True} to grant, C{False} to deny.
+        @return: a L{Deferred} firing once the subscriber's server has been
+            told.
+        """
+
+    def publishPresence(user, presence, status=None):
+        """
+        C{user}'s presence changed: notify every live subscriber, one NOTIFY
+        per remote domain.
+
+        @return: a L{Deferred} firing once every domain has been handed its
+            notification (failures are logged, not raised).
+        """
+
+    def remoteAttributes(requester, target):
+        """
+        Ask for the attributes of C{target} (an address or a domain) on
+        behalf of C{requester}, a user of this domain.  Answers are cached
+        for the TTL the answering server gives (at most 5 minutes).
+
+        @return: a L{Deferred} firing with a C{{name: value}} dict.
         """

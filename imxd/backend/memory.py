@@ -48,6 +48,11 @@ class MemoryBackend:
         """
         self.domain = domain
         self.sender: Any = None
+        self.defaultDecision = "pending"
+        self.decisions: dict[str, str] = {}
+        self.subscriptionRequests: list[tuple[str, str]] = []
+        self.subscriptionChanges: list[tuple[str, str, str]] = []
+        self.attributes: dict[str, dict[str, str]] = {}
         self.messages: list[Any] = []
         self.notifications: list[Any] = []
 
@@ -81,6 +86,27 @@ class MemoryBackend:
         """
         self.messages.append(message)
         return succeed(None)
+
+    def decideSubscription(self, subscriber: str, publisher: str) -> Deferred[str]:
+        """
+        Record the request and answer from C{decisions} (by publisher), or
+        C{defaultDecision}; see L{IBackend.decideSubscription}.
+        """
+        self.subscriptionRequests.append((subscriber, publisher))
+        return succeed(self.decisions.get(publisher, self.defaultDecision))
+
+    def subscriptionChanged(self, subscriber: str, publisher: str, state: str) -> None:
+        """
+        Record the change; see L{IBackend.subscriptionChanged}.
+        """
+        self.subscriptionChanges.append((subscriber, publisher, state))
+
+    def userAttributes(self, user: str, requester: str) -> Deferred[dict]:
+        """
+        Answer from C{attributes} (by user), or no attributes; see
+        L{IBackend.userAttributes}.
+        """
+        return succeed(dict(self.attributes.get(user, {})))
 
     def deliverNotification(self, notification: Any) -> Deferred[None]:
         """

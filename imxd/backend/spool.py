@@ -286,9 +286,28 @@ class SpoolBackend:
             )
         return defer.succeed(None)
 
+    def decideSubscription(self, subscriber: str, publisher: str) -> defer.Deferred:
+        """
+        A spool has no presence to share: every subscription request is
+        denied.
+        """
+        return defer.succeed("denied")
+
+    def subscriptionChanged(self, subscriber: str, publisher: str, state: str) -> None:
+        """
+        A spool's users do not subscribe; nothing to record.
+        """
+
+    def userAttributes(self, user: str, requester: str) -> defer.Deferred:
+        """
+        A spool keeps no attributes of its users.
+        """
+        return defer.succeed({})
+
     def deliverNotification(self, notification: Any) -> defer.Deferred:
         """
-        Notifications come with the IM-semantics work; refused until then.
+        A spool's users never subscribe, so a notification for them is
+        refused.
         """
         return defer.fail(
             Refused(ErrorCode.UNSUPPORTED, "the spool backend takes no notifications yet")
