@@ -156,31 +156,18 @@ class CheckTests(SynchronousTestCase):
             error = self.assertRaises(Refused, check, A, B, mime(*headers))
             self.assertEqual(error.code, ErrorCode.MALFORMED)
 
-    def test_multipartRefused(self):
+    def test_attachmentsAndBinaryRefused(self):
         """
-        Attachments (multipart) are refused.
+        Attachments (multipart) and binary transfer encodings are refused.
         """
-        error = self.assertRaises(
-            Refused,
-            check,
-            A,
-            B,
-            mime(f"From: {A}", f"To: {B}", "Content-Type: multipart/mixed; boundary=x"),
-        )
-        self.assertEqual(error.code, ErrorCode.MEDIA_TYPE_REFUSED)
-
-    def test_base64Refused(self):
-        """
-        Binary transfer encodings are refused.
-        """
-        error = self.assertRaises(
-            Refused,
-            check,
-            A,
-            B,
-            mime(f"From: {A}", f"To: {B}", "Content-Transfer-Encoding: base64"),
-        )
-        self.assertEqual(error.code, ErrorCode.MEDIA_TYPE_REFUSED)
+        for header in (
+            "Content-Type: multipart/mixed; boundary=x",
+            "Content-Transfer-Encoding: base64",
+        ):
+            error = self.assertRaises(
+                Refused, check, A, B, mime(f"From: {A}", f"To: {B}", header)
+            )
+            self.assertEqual(error.code, ErrorCode.MEDIA_TYPE_REFUSED)
 
     def test_notUtf8(self):
         """
