@@ -204,6 +204,7 @@ class Aggregator(service.MultiService):
             virtualDomain = VirtualDomain(domainConfig)
             virtualDomain.setServiceParent(self)
             self._domains[domainConfig.name] = virtualDomain
+        self._hosted = frozenset(self._domains)
 
     def attachFederation(self, federation) -> None:
         """
@@ -226,4 +227,4 @@ class Aggregator(service.MultiService):
         """
         @return: the normalised names of every hosted domain.
         """
-        return frozenset(self._domains)
+        return self._hosted

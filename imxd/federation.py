@@ -385,6 +385,13 @@ class FederationProtocol(PeerProtocol):
         tag = self._finishDialback(pair)
         if tag is None:
             return
+        self._reportDialbackFailure(pair, code, text, tag)
+
+    def _reportDialbackFailure(self, pair, code, text, tag):
+        """
+        Forget the pair's secret, count and log the failure, and send the
+        ERROR (with the DIALBACK_KEY's tag, or 0 when none is pending).
+        """
         self.federation.secrets.withdraw(self.connectionId, pair)
         self.federation.count("dialbacks-failed")
         self.log.info(
@@ -413,24 +420,16 @@ class FederationProtocol(PeerProtocol):
         The claimed origin could not be reached, or refused the token.
         """
         origin = pair[0]
-        if failure.check(RemoteError):
-            code = (
-                ErrorCode.DIALBACK_TIMEOUT
-                if failure.value.temporary
-                else ErrorCode.DIALBACK_FAILED
-            )
-            text = f"{origin} did not confirm the key: {failure.value.text or failure.value.code}"
-        elif failure.check(Refused):
-            code = failure.value.code
-            if code != ErrorCode.DIALBACK_FAILED:
-                code = (
-                    ErrorCode.DIALBACK_TIMEOUT
-                    if failure.value.temporary
-                    else ErrorCode.DIALBACK_FAILED
-                )
-            text = f"could not dial {origin}: {failure.value.text}"
+        code = ErrorCode.DIALBACK_TIMEOUT
+        if failure.check(Refused):
+            if not failure.value.temporary:
+                code = ErrorCode.DIALBACK_FAILED
+            if failure.check(RemoteError):
+                why = failure.value.text or failure.value.code
+                text = f"{origin} did not confirm the key: {why}"
+            else:
+                text = f"could not dial {origin}: {failure.value.text}"
         else:
-            code = ErrorCode.DIALBACK_TIMEOUT
             text = f"could not dial {origin}: {failure.getErrorMessage()}"
         self._failDialback(pair, code, text)
 
@@ -450,22 +449,8 @@ class FederationProtocol(PeerProtocol):
                 record.secret, self.connectionId, pair, self.clock.seconds()
             )
         except DialbackError as e:
-            self.federation.secrets.withdraw(self.connectionId, pair)
-            self.federation.count("dialbacks-failed")
-            self.log.info(
-                "dial-back {origin} -> {receiving} from {peer}: secret refused: {why}",
-                origin=pair[0],
-                receiving=pair[1],
-                peer=self._peerName(),
-                why=str(e),
-            )
-            self.sendRecord(
-                _pairError(
-                    ErrorCode.DIALBACK_FAILED,
-                    f"dial-back secret refused: {e}",
-                    pair,
-                    tag or 0,
-                )
+            self._reportDialbackFailure(
+                pair, ErrorCode.DIALBACK_FAILED, f"dial-back secret refused: {e}", tag or 0
             )
             return
         self.receivablePairs.add(pair)

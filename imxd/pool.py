@@ -222,13 +222,14 @@ class OutboundPool:
                 yield self._connect(target.host, target.port, protocol)
                 yield protocol.whenOpen()
             except Exception as e:
-                tried.append(f"{target.host}:{target.port} ({_reason(e)})")
+                reason = _reason(e)
+                tried.append(f"{target.host}:{target.port} ({reason})")
                 self.log.info(
                     "could not connect to {domain} at {host}:{port}: {reason}",
                     domain=domain,
                     host=target.host,
                     port=target.port,
-                    reason=_reason(e),
+                    reason=reason,
                 )
                 if protocol.transport is not None:
                     protocol.transport.abortConnection()

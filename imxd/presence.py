@@ -317,15 +317,23 @@ class Presence:
         @return: a L{Deferred} firing with the first state.
         """
         try:
-            subscriber = self._own(subscriber)
-            publisher = str(Address.parse(publisher))
-        except (Refused, AddressError) as e:
-            return defer.fail(e if isinstance(e, Refused) else Refused(ErrorCode.MALFORMED, str(e)))
-        key = (subscriber, publisher)
-        wanted = self._wanted.get(key)
-        if wanted is None:
-            wanted = self._wanted[key] = Wanted()
+            key = self._wantedKey(subscriber, publisher)
+        except Refused as e:
+            return defer.fail(e)
+        self._wanted.setdefault(key, Wanted())
         return self._request(key, wire.Subscribe)
+
+    def _wantedKey(self, subscriber, publisher):
+        """
+        @return: C{(subscriber, publisher)} canonical, the subscriber of
+            this domain.
+        @raise Refused: C{sender-mismatch} or C{malformed}.
+        """
+        subscriber = self._own(subscriber)
+        try:
+            return subscriber, str(Address.parse(publisher))
+        except AddressError as e:
+            raise Refused(ErrorCode.MALFORMED, f"publisher: {e}") from None
 
     def _request(self, key, recordType):
         """
@@ -420,10 +428,9 @@ class Presence:
         Stop wanting a subscription and tell the publisher's server.
         """
         try:
-            subscriber = self._own(subscriber)
-            publisher = str(Address.parse(publisher))
-        except (Refused, AddressError) as e:
-            return defer.fail(e if isinstance(e, Refused) else Refused(ErrorCode.MALFORMED, str(e)))
+            subscriber, publisher = self._wantedKey(subscriber, publisher)
+        except Refused as e:
+            return defer.fail(e)
         wanted = self._wanted.pop((subscriber, publisher), None)
         if wanted is not None:
             self._cancel(wanted)
