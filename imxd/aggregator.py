@@ -216,6 +216,24 @@ class Aggregator(service.MultiService):
         self.federation = federation
         self.router = federation.router
 
+    def sharedBackendServices(self, reactor) -> list:
+        """
+        The process-wide services the hosted domains' backends share (the
+        local backend's client API listeners, for example), from each
+        kind's L{imxd.backend.BackendRegistration.makeServices}.
+
+        @param reactor: the reactor those services use.
+        """
+        byKind: dict[str, list] = {}
+        for virtualDomain in self._domains.values():
+            byKind.setdefault(virtualDomain.config.backend, []).append(virtualDomain.backend)
+        services = []
+        for kind, backends in sorted(byKind.items()):
+            makeServices = lookupBackend(kind).makeServices
+            if makeServices is not None:
+                services.extend(makeServices(backends, reactor))
+        return services
+
     def domain(self, name: str) -> Optional[VirtualDomain]:
         """
         @param name: a normalised domain name.

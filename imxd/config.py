@@ -564,23 +564,32 @@ def _dnsServer(value: Any, where: _Where) -> tuple[str, int]:
     return host, int(port)
 
 
-def _endpoint(value: Any, where: _Where) -> str:
+def endpointProblem(value: str) -> "str | None":
     """
     Check a Twisted server endpoint description by parsing it against a
     reactor that does nothing.
+
+    @return: L{None} when it is valid, else the reason, one line.
     """
     from twisted.internet.endpoints import serverFromString
     from twisted.internet.testing import MemoryReactor
 
-    value = _nonEmptyString(value, where)
     try:
         endpoint = serverFromString(MemoryReactor(), value)
     except Exception as e:
         reason = " ".join(str(e).split()) or type(e).__name__
-        raise where.error(f"bad endpoint {value!r}: {reason}") from None
+        return f"bad endpoint {value!r}: {reason}"
     port = getattr(endpoint, "_port", None)
     if isinstance(port, int) and not 0 <= port <= 65535:
-        raise where.error(f"bad endpoint {value!r}: port must be from 0 to 65535")
+        return f"bad endpoint {value!r}: port must be from 0 to 65535"
+    return None
+
+
+def _endpoint(value: Any, where: _Where) -> str:
+    value = _nonEmptyString(value, where)
+    problem = endpointProblem(value)
+    if problem is not None:
+        raise where.error(problem)
     return value
 
 

@@ -153,6 +153,8 @@ def makeService(options: Options, reactor: Any = None) -> Aggregator:
     )
     admin.setName("admin")
     admin.setServiceParent(aggregator)
+    for shared in aggregator.sharedBackendServices(reactor):
+        shared.setServiceParent(aggregator)
     return aggregator
 
 

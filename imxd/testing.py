@@ -103,7 +103,10 @@ class BackendContractMixin:
             recipient=self.user(),
             messageId="contract-1",
             contentType="text/plain; charset=utf-8",
-            body=b"hello",
+            body=(
+                f"From: someone@elsewhere.test\r\nTo: {self.user()}\r\n"
+                "Content-Type: text/plain; charset=utf-8\r\n\r\nhello"
+            ).encode("utf-8"),
         )
         self.assertIsNone(self.successResultOf(self.backend.deliverMessage(message)))
 

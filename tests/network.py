@@ -68,16 +68,16 @@ class Network:
 
     def server(self, host, domains, port=5275, secret=None, limits=None, **timeouts):
         """
-        Start an imxd server at C{host:port} hosting C{domains} (memory
-        backends) and publish C{_imx._tcp} SRV records for them.
+        Start an imxd server at C{host:port} hosting C{domains} and publish
+        C{_imx._tcp} SRV records for them.
 
+        @param domains: domain names (memory backends), or whole
+            C{[[domain]]} tables.
         @return: its L{Federation}.
         """
-        config = parseConfig(
-            {"domain": [{"name": d, "backend": "memory"} for d in domains]},
-            "test.toml",
-            ".",
-        )
+        tables = [d if isinstance(d, dict) else {"name": d, "backend": "memory"} for d in domains]
+        domains = [table["name"] for table in tables]
+        config = parseConfig({"domain": tables}, "test.toml", ".")
         aggregator = Aggregator(config)
         settings = PeerSettings(
             hostedDomains=aggregator.hostedDomains(),

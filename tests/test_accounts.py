@@ -184,7 +184,7 @@ class PolicyTests(SynchronousTestCase):
         self.store.setContact("alice@a.test", "bob@b.test", "pending")
         self.store.setContact("alice@a.test", "bob@b.test", "granted")
         self.assertEqual(self.store.contacts("alice@a.test"), {"bob@b.test": "granted"})
-        self.assertEqual(self.store.allContacts(), [("alice@a.test", "bob@b.test")])
+        self.assertEqual(self.store.allContacts("a.test"), [("alice@a.test", "bob@b.test")])
         self.store.removeContact("alice@a.test", "bob@b.test")
         self.assertEqual(self.store.contacts("alice@a.test"), {})
 

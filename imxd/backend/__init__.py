@@ -12,7 +12,7 @@ Kinds shipped with imxd are registered when this package is imported.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import attrs
 
@@ -48,20 +48,29 @@ class BackendRegistration:
         validated; returns an object providing
         L{imxd.backend.interfaces.IBackend}.
     @ivar validateOptions: called with the raw C{backend_options} mapping
-        and the directory relative paths are taken from; returns the normalised options as a new L{dict} or raises
-        L{ValueError} with a one-line reason.
+        and the directory relative paths are taken from; returns the
+        normalised options as a new L{dict} or raises L{ValueError} with a
+        one-line reason.
+    @ivar makeServices: L{None}, or called at start-up as
+        C{makeServices(backends, reactor)} with every adapter of this kind;
+        returns the process-wide services they share (listeners, for
+        example), which become children of the Aggregator.
     """
 
     kind: str
     factory: BackendFactory
     validateOptions: OptionsValidator
+    makeServices: Optional[Callable[..., Iterable[Any]]] = None
 
 
 _registry: dict[str, BackendRegistration] = {}
 
 
 def registerBackend(
-    kind: str, factory: BackendFactory, validateOptions: OptionsValidator
+    kind: str,
+    factory: BackendFactory,
+    validateOptions: OptionsValidator,
+    makeServices: Optional[Callable[..., Iterable[Any]]] = None,
 ) -> BackendRegistration:
     """
     Register a kind of backend adapter.
@@ -69,6 +78,7 @@ def registerBackend(
     @param kind: the kind name; a non-empty string not registered before.
     @param factory: see L{BackendRegistration.factory}.
     @param validateOptions: see L{BackendRegistration.validateOptions}.
+    @param makeServices: see L{BackendRegistration.makeServices}.
     @return: the new registration.
     @raise ValueError: if C{kind} is empty or already registered.
     """
@@ -76,7 +86,7 @@ def registerBackend(
         raise ValueError("backend kind must be a non-empty string")
     if kind in _registry:
         raise ValueError(f"backend kind {kind!r} is already registered")
-    registration = BackendRegistration(kind, factory, validateOptions)
+    registration = BackendRegistration(kind, factory, validateOptions, makeServices)
     _registry[kind] = registration
     return registration
 
@@ -140,9 +150,16 @@ def _unknownKind(kind: str) -> str:
 
 def _registerBuiltins() -> None:
     from imxd.backend import memory, spool
+    from imxd.backend.local import api, backend
 
     registerBackend("memory", memory.MemoryBackend.fromConfig, memory.validateOptions)
     registerBackend("spool", spool.SpoolBackend.fromConfig, spool.validateOptions)
+    registerBackend(
+        "local",
+        backend.LocalBackend.fromConfig,
+        backend.validateOptions,
+        api.clientAPIServices,
+    )
 
 
 _registerBuiltins()

@@ -58,9 +58,12 @@ CREATE TABLE IF NOT EXISTS contacts (
 CREATE TABLE IF NOT EXISTS offline (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     owner TEXT NOT NULL,
-    event TEXT NOT NULL
+    event TEXT NOT NULL,
+    created REAL NOT NULL DEFAULT 0,
+    delivered REAL
 );
 CREATE INDEX IF NOT EXISTS offline_owner ON offline (owner, id);
+CREATE INDEX IF NOT EXISTS offline_created ON offline (created);
 """
 
 
@@ -222,21 +225,27 @@ class AccountStore:
         ).rowcount:
             raise AccountError(f"no such user: {address}")
 
+    def passwordHash(self, address):
+        """
+        @return: the stored scrypt hash of C{address}'s password, or
+            L{None} for an unknown address.
+        """
+        row = self._one("SELECT password FROM users WHERE address = ?", address)
+        return row[0] if row else None
+
     def authenticate(self, address, password):
         """
         @return: the canonical address when C{password} is right, else
-            L{None} (also for an unknown or invalid address).
+            L{None} (also for an unknown or invalid address, after the same
+            time).
         """
         try:
             address = canonicalAddress(address)
         except AccountError:
-            return None
-        row = self._one("SELECT password FROM users WHERE address = ?", address)
-        if row is None:
-            # Spend the same time as for a real account.
-            checkPassword(password, _dummyHash())
-            return None
-        return address if checkPassword(password, row[0]) else None
+            address = None
+        stored = self.passwordHash(address) if address else None
+        right = checkPassword(password, stored or dummyHash())
+        return address if right and stored else None
 
     def alias(self, address):
         """
@@ -244,6 +253,12 @@ class AccountStore:
         """
         row = self._one("SELECT alias FROM users WHERE address = ?", address)
         return row[0] if row else None
+
+    def setAlias(self, address, alias):
+        """
+        Set (or clear, with L{None}) the account's display name.
+        """
+        self._write("UPDATE users SET alias = ? WHERE address = ?", alias, address)
 
     # -- edge policy ----------------------------------------------------------
 
@@ -343,6 +358,15 @@ class AccountStore:
         )
         return [row[0] for row in rows]
 
+    def decisions(self, publisher):
+        """
+        @return: C{{subscriber: state}} decided (or pending) by C{publisher}.
+        """
+        rows = self._db.execute(
+            "SELECT subscriber, state FROM decisions WHERE publisher = ?", (publisher,)
+        )
+        return dict(rows)
+
     def setContact(self, owner, contact, state):
         """
         Remember a subscription C{owner} wants, and its state.
@@ -369,27 +393,39 @@ class AccountStore:
         )
         return dict(rows)
 
-    def allContacts(self):
+    def allContacts(self, domain):
         """
-        @return: C{(owner, contact)} for every wanted subscription, to
-            resume them at start.
+        @return: C{(owner, contact)} for every subscription the users of
+            C{domain} want, to resume them at start (denied ones excluded).
         """
-        return list(self._db.execute("SELECT owner, contact FROM contacts"))
+        rows = self._db.execute(
+            "SELECT owner, contact FROM contacts c JOIN users u ON u.address = c.owner "
+            "WHERE u.domain = ? AND c.state != 'denied' ORDER BY owner, contact",
+            (domain,),
+        )
+        return list(rows)
 
     # -- events kept for users without a client --------------------------------
 
-    def keep(self, owner, event):
+    def keep(self, owner, event, now=0.0):
         """
         Keep an event (a JSON-able dict) for C{owner}.
 
+        @param now: the time it was kept, for L{expire}.
         @return: its id, increasing.
-        @raise AccountError: C{owner} already has L{OFFLINE_CAP} kept.
+        @raise AccountError: C{owner} already has L{OFFLINE_CAP} events no
+            client has been sent.
         """
-        count = self._one("SELECT COUNT(*) FROM offline WHERE owner = ?", owner)[0]
+        count = self._one(
+            "SELECT COUNT(*) FROM offline WHERE owner = ? AND delivered IS NULL", owner
+        )[0]
         if count >= OFFLINE_CAP:
             raise AccountError(f"{owner} has {OFFLINE_CAP} messages waiting")
         cursor = self._write(
-            "INSERT INTO offline (owner, event) VALUES (?, ?)", owner, json.dumps(event)
+            "INSERT INTO offline (owner, event, created) VALUES (?, ?, ?)",
+            owner,
+            json.dumps(event),
+            now,
         )
         return cursor.lastrowid
 
@@ -403,12 +439,53 @@ class AccountStore:
         )
         return [(row[0], json.loads(row[1])) for row in rows]
 
+    def delivered(self, owner, upTo, now):
+        """
+        Note that C{owner}'s events up to id C{upTo} were written to a
+        client's stream at C{now}; they are dropped by L{pruneDelivered}
+        unless the client asks for them again first.
+        """
+        self._write(
+            "UPDATE offline SET delivered = ? WHERE owner = ? AND id <= ? "
+            "AND delivered IS NULL",
+            now,
+            owner,
+            upTo,
+        )
+
     def forget(self, owner, upTo):
         """
         Drop the kept events of C{owner} up to id C{upTo} (acknowledged by
         a client).
         """
         self._write("DELETE FROM offline WHERE owner = ? AND id <= ?", owner, upTo)
+
+    def pruneDelivered(self, before):
+        """
+        Drop events written to a client's stream before C{before}.
+        """
+        self._write(
+            "DELETE FROM offline WHERE delivered IS NOT NULL AND delivered < ?", before
+        )
+
+    def expire(self, domain, before):
+        """
+        Remove the events of C{domain}'s users that no client was sent and
+        that were kept before C{before}.
+
+        @return: C{[(owner, event)]} removed, oldest first.
+        """
+        rows = self._db.execute(
+            "SELECT o.id, o.owner, o.event FROM offline o JOIN users u "
+            "ON u.address = o.owner WHERE u.domain = ? AND o.delivered IS NULL "
+            "AND o.created < ? ORDER BY o.id",
+            (domain, before),
+        ).fetchall()
+        with self._db:
+            self._db.executemany(
+                "DELETE FROM offline WHERE id = ?", [(row[0],) for row in rows]
+            )
+        return [(row[1], json.loads(row[2])) for row in rows]
 
 
 def _pattern(text):
@@ -425,7 +502,7 @@ def _pattern(text):
 
 
 @functools.lru_cache(maxsize=1)
-def _dummyHash():
+def dummyHash():
     """
     @return: a hash to check against for unknown accounts, so that they
         cost the same time as known ones.
