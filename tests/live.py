@@ -51,10 +51,19 @@ class Server:
     One imxd process: its address, domains, spools and admin socket.
     """
 
-    def __init__(self, base: str, name: str, host: str, domains, port=None):
+    def __init__(self, base: str, name: str, host: str, domains, port=None, backend="spool",
+                 domainOptions=None):
+        """
+        @param backend: C{"spool"} or C{"local"}; a local server's client
+            API listens on C{host:apiPort}.
+        @param domainOptions: extra TOML lines per domain name.
+        """
         self.name = name
         self.host = host
         self.port = port or freePort(host)
+        self.backend = backend
+        self.apiPort = freePort(host)
+        self.domainOptions = domainOptions or {}
         self.domains = list(domains)
         self.directory = os.path.join(base, name)
         os.makedirs(self.directory, exist_ok=True)
@@ -78,10 +87,45 @@ class Server:
             lines += [
                 "[[domain]]",
                 f'name = "{domain}"',
-                'backend = "spool"',
-                f'backend_options = {{ directory = "spool-{domain}", poll_interval = 0.05 }}',
+                *self.backendLines(domain),
+                *self.domainOptions.get(domain, ()),
             ]
         return "\n".join(lines) + "\n"
+
+    def backendLines(self, domain: str) -> list:
+        """
+        @return: the TOML lines choosing the domain's backend.
+        """
+        if self.backend == "local":
+            return [
+                'backend = "local"',
+                f'backend_options = {{ database = "local.sqlite", '
+                f'listen = "tcp:{self.apiPort}:interface={self.host}" }}',
+            ]
+        return [
+            'backend = "spool"',
+            f'backend_options = {{ directory = "spool-{domain}", poll_interval = 0.05 }}',
+        ]
+
+    @property
+    def api(self) -> str:
+        """
+        The client API's base URL (local backend).
+        """
+        return f"http://{self.host}:{self.apiPort}"
+
+    def addUser(self, address: str, password: str, alias=None) -> None:
+        """
+        Create an account in the local backend's database (before or while
+        the server runs).
+        """
+        from imxd.backend.local.store import AccountStore
+
+        store = AccountStore(os.path.join(self.directory, "local.sqlite"))
+        try:
+            store.addUser(address, password, alias)
+        finally:
+            store.close()
 
     def start(self, dnsPort: int) -> None:
         """

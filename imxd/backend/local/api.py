@@ -544,12 +544,13 @@ class ClientAPI(resource.Resource):
         user, backend = self._user(request)
         header = _header(request, b"last-event-id").strip() or "0"
         lastEventId = int(header) if header.isdigit() else 0
+        backend.checkStreamLimit(user)
         request.setResponseCode(200)
         request.setHeader(b"Content-Type", b"text/event-stream; charset=utf-8")
         request.setHeader(b"Cache-Control", b"no-cache")
+        request.write(b"retry: 3000\n\n")
         stream = EventStream(request)
         backend.openStream(user, stream, lastEventId)
-        request.write(b"retry: 3000\n\n")
         self._streams.add(stream)
 
         def closed(_):

@@ -464,6 +464,14 @@ class LocalBackend:
         if streams and eventId is not None:
             self.store.delivered(user, eventId, self.clock.seconds())
 
+    def checkStreamLimit(self, user):
+        """
+        @raise Refused: C{resource-limit} when C{user} has
+            L{MAX_STREAMS_PER_USER} streams open.
+        """
+        if len(self._streams.get(user, ())) >= MAX_STREAMS_PER_USER:
+            raise Refused(ErrorCode.RESOURCE_LIMIT, f"{MAX_STREAMS_PER_USER} event streams are open")
+
     def openStream(self, user, stream, lastEventId=0):
         """
         A client of C{user} opened an event stream: forget what it has
@@ -471,9 +479,8 @@ class LocalBackend:
 
         @raise Refused: C{resource-limit} with too many streams open.
         """
+        self.checkStreamLimit(user)
         streams = self._streams.setdefault(user, [])
-        if len(streams) >= MAX_STREAMS_PER_USER:
-            raise Refused(ErrorCode.RESOURCE_LIMIT, f"{MAX_STREAMS_PER_USER} event streams are open")
         if lastEventId:
             self.store.forget(user, lastEventId)
         last = 0
