@@ -179,7 +179,98 @@ def _parser() -> argparse.ArgumentParser:
     drain.add_argument("host", help="where peers should reconnect (address or name)")
     drain.add_argument("port", type=int, help="the TCP port there")
     drain.add_argument("--text", help="a reason, shown in the peers' logs")
+    user = commands.add_parser(
+        "user", help="manage the accounts of a domain on the local backend"
+    )
+    actions = user.add_subparsers(dest="action", required=True)
+    add = actions.add_parser("add", help="create an account")
+    add.add_argument("address")
+    add.add_argument("--alias", help="the display name")
+    passwd = actions.add_parser("passwd", help="set an account's password")
+    passwd.add_argument("address")
+    for command in (add, passwd):
+        command.add_argument(
+            "--password-stdin", action="store_true",
+            help="read the password from the first line of stdin, not a prompt",
+        )
+    actions.add_parser("remove", help="delete an account and all kept for it").add_argument(
+        "address"
+    )
+    actions.add_parser("list", help="list a domain's accounts").add_argument("domain")
     return parser
+
+
+def localStore(config, domain: str):
+    """
+    Open the account store of a hosted domain served by the local backend.
+
+    @param config: the L{imxd.config.Config}.
+    @param domain: a domain name or an address of that domain.
+    @raise AdminError: the domain is not hosted or not on the local backend.
+    """
+    from imxd.address import AddressError, normaliseDomain
+    from imxd.backend.local.store import AccountStore
+
+    try:
+        name = normaliseDomain(domain.rpartition("@")[2])
+    except AddressError as e:
+        raise AdminError(f"{domain}: {e}") from None
+    for table in config.domains:
+        if table.name == name:
+            if table.backend != "local":
+                raise AdminError(f"{name} uses the {table.backend} backend, not local")
+            return AccountStore(table.backendOptions["database"])
+    raise AdminError(f"{name} is not hosted in {config.path}")
+
+
+def readPassword(fromStdin: bool, stdin=None) -> str:
+    """
+    @return: a password from stdin's first line, or from a prompt asked
+        twice.
+    @raise AdminError: empty, or the two entries differ.
+    """
+    import getpass
+
+    if fromStdin:
+        password = (stdin or sys.stdin).readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            raise AdminError("the passwords differ")
+    if not password:
+        raise AdminError("the password may not be empty")
+    return password
+
+
+def userCommand(options, stdin=None) -> None:
+    """
+    Run C{imxctl user ...} on the local backend's database (the server
+    need not run; it sees changes at once).
+    """
+    from imxd.backend.local.store import AccountError
+
+    config = loadConfig(options.config)
+    target = options.domain if options.action == "list" else options.address
+    store = localStore(config, target)
+    try:
+        if options.action == "list":
+            for address in store.users(target):
+                print(address)
+        elif options.action == "remove":
+            store.removeUser(options.address)
+            print(f"removed {options.address}")
+        else:
+            password = readPassword(options.password_stdin, stdin)
+            if options.action == "add":
+                address = store.addUser(options.address, password, options.alias)
+                print(f"added {address}")
+            else:
+                store.setPassword(options.address, password)
+                print(f"password set for {options.address}")
+    except AccountError as e:
+        raise AdminError(str(e)) from None
+    finally:
+        store.close()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -190,6 +281,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """
     options = _parser().parse_args(argv)
     try:
+        if options.command == "user":
+            userCommand(options)
+            return 0
         path = options.socket or loadConfig(options.config).server.adminSocket
         client = BlockingPeer.unix(path)
         try:

@@ -200,3 +200,92 @@ class PolicyTests(SynchronousTestCase):
         self.assertEqual([e["n"] for _, e in self.store.kept("alice@a.test", ids[0])], [1, 2])
         self.store.forget("alice@a.test", ids[1])
         self.assertEqual([e["n"] for _, e in self.store.kept("alice@a.test")], [2])
+
+
+class UserCommandTests(SynchronousTestCase):
+    """
+    C{imxctl user add|passwd|remove|list} on a local domain's database.
+    """
+
+    def setUp(self):
+        self.patch(store, "SCRYPT_N", 2**4)
+        self.directory = self.mktemp()
+        os.makedirs(self.directory)
+        self.config = os.path.join(self.directory, "imxd.toml")
+        with open(self.config, "w") as f:
+            f.write(
+                '[server]\nstate_dir = "state"\nlisten = ["tcp:0"]\n'
+                '[[domain]]\nname = "a.test"\nbackend = "local"\n'
+                'backend_options = { database = "accounts.sqlite" }\n'
+                '[[domain]]\nname = "s.test"\nbackend = "spool"\n'
+                'backend_options = { directory = "spool" }\n'
+            )
+
+    def imxctl(self, *argv, stdin=""):
+        import contextlib
+        import io
+
+        from imxd import imxctl
+
+        out, err = io.StringIO(), io.StringIO()
+        self.patch(imxctl.sys, "stdin", io.StringIO(stdin))
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = imxctl.main(["-c", self.config, "user", *argv])
+        return status, out.getvalue(), err.getvalue()
+
+    def store(self):
+        opened = AccountStore(os.path.join(self.directory, "accounts.sqlite"))
+        self.addCleanup(opened.close)
+        return opened
+
+    def test_lifecycle(self):
+        """
+        An account is added with a password from stdin, listed, given a
+        new password and removed; the password is never printed.
+        """
+        status, out, _ = self.imxctl("add", "Ann@A.test", "--alias", "Ann", "--password-stdin",
+                                  stdin="first secret\n")
+        self.assertEqual((status, out), (0, "added ann@a.test\n"))
+        self.assertEqual(self.store().authenticate("ann@a.test", "first secret"), "ann@a.test")
+        self.assertEqual(self.store().alias("ann@a.test"), "Ann")
+        self.assertEqual(self.imxctl("list", "a.test")[:2], (0, "ann@a.test\n"))
+        status, out, _ = self.imxctl("passwd", "ann@a.test", "--password-stdin", stdin="second\n")
+        self.assertEqual(status, 0)
+        self.assertNotIn("second", out)
+        self.assertIsNone(self.store().authenticate("ann@a.test", "first secret"))
+        self.assertEqual(self.store().authenticate("ann@a.test", "second"), "ann@a.test")
+        self.assertEqual(self.imxctl("remove", "ann@a.test")[:2], (0, "removed ann@a.test\n"))
+        self.assertEqual(self.imxctl("list", "a.test")[:2], (0, ""))
+
+    def test_prompt(self):
+        """
+        Without --password-stdin the password is asked twice; entries that
+        differ are refused.
+        """
+        import getpass
+
+        answers = iter(["one", "two"])
+        self.patch(getpass, "getpass", lambda prompt: next(answers))
+        status, _, err = self.imxctl("add", "bo@a.test")
+        self.assertEqual((status, err), (1, "imxctl: the passwords differ\n"))
+        answers = iter(["same", "same"])
+        self.assertEqual(self.imxctl("add", "bo@a.test")[0], 0)
+        self.assertEqual(self.store().authenticate("bo@a.test", "same"), "bo@a.test")
+
+    def test_refusals(self):
+        """
+        Each mistake is one line and exit status 1.
+        """
+        self.imxctl("add", "ann@a.test", "--password-stdin", stdin="pw\n")
+        for argv, stdin, words in [
+            (("add", "ann@a.test", "--password-stdin"), "pw\n", "ann@a.test already exists"),
+            (("add", "cy@a.test", "--password-stdin"), "\n", "may not be empty"),
+            (("add", "cy@s.test", "--password-stdin"), "pw\n", "s.test uses the spool backend"),
+            (("add", "cy@z.test", "--password-stdin"), "pw\n", "z.test is not hosted"),
+            (("remove", "nobody@a.test"), "", "no such user"),
+            (("passwd", "nobody@a.test", "--password-stdin"), "pw\n", "no such user"),
+        ]:
+            status, _, err = self.imxctl(*argv, stdin=stdin)
+            self.assertEqual(status, 1, argv)
+            self.assertIn(words, err)
+            self.assertEqual(err.count("\n"), 1)

@@ -230,19 +230,25 @@ class ValidConfigTests(ConfigTestsMixin, SynchronousTestCase):
     def test_exampleConfig(self) -> None:
         """
         The example C{etc/imxd.toml} is valid and hosts C{alpha.test} and
-        C{beta.test} on the C{spool} backend, spooled under C{state/}.
+        C{beta.test} on the C{local} backend (one database and one client
+        API on loopback) and C{gamma.test} on a spool under C{state/}.
         """
         here = os.path.dirname(os.path.abspath(__file__))
         path = os.path.join(os.path.dirname(here), "etc", "imxd.toml")
         config = loadConfig(path)
         self.assertEqual(
             [(d.name, d.backend) for d in config.domains],
-            [("alpha.test", "spool"), ("beta.test", "spool")],
+            [("alpha.test", "local"), ("beta.test", "local"), ("gamma.test", "spool")],
         )
         state = os.path.join(os.path.dirname(here), "state")
+        for domain in config.domains[:2]:
+            self.assertEqual(
+                domain.backendOptions["database"], os.path.join(state, "local.sqlite")
+            )
+            self.assertEqual(domain.backendOptions["listen"], "tcp:8280:interface=127.0.0.1")
         self.assertEqual(
-            config.domains[0].backendOptions["directory"],
-            os.path.join(state, "spool-alpha.test"),
+            config.domains[2].backendOptions["directory"],
+            os.path.join(state, "spool-gamma.test"),
         )
         self.assertEqual(config.server.listen, ("tcp:port=5275:interface=127.0.0.1",))
         self.assertEqual(
