@@ -151,9 +151,12 @@ class Server:
         def listening():
             if self.process.poll() is not None:
                 raise AssertionError(f"{self.name} exited:\n{self.output()}")
+            ports = [self.port] + ([self.apiPort] if self.backend == "local" else [])
             try:
-                with socket.create_connection((self.host, self.port), timeout=1.0):
-                    return True
+                for port in ports:
+                    with socket.create_connection((self.host, port), timeout=1.0):
+                        pass
+                return True
             except OSError:
                 return False
 
@@ -256,6 +259,105 @@ class Server:
         """
         connection = socket.create_connection((self.host, self.port), timeout=WAIT)
         return BlockingPeer(connection, toDomain=toDomain)
+
+
+class APIClient:
+    """
+    One user of a local domain, speaking the client API over HTTP.
+    """
+
+    def __init__(self, server: Server, address: str, password: str):
+        self.server = server
+        self.address = address
+        status, body = self.call(
+            "POST", "sessions", {"address": address, "password": password}, token=None
+        )
+        if status != 201:
+            raise AssertionError(f"login of {address} failed: {status} {body}")
+        self.token = body["token"]
+        self.events = []
+        self._connections = []
+
+    def call(self, method, path, body=None, token=True):
+        """
+        @return: C{(status, decoded JSON or None)}.
+        """
+        import http.client
+        from urllib.parse import quote
+
+        connection = http.client.HTTPConnection(self.server.host, self.server.apiPort, timeout=WAIT)
+        headers = {"Content-Type": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        try:
+            connection.request(
+                method,
+                "/v1/" + quote(path, safe="/@"),
+                json.dumps(body).encode() if body is not None else None,
+                headers,
+            )
+            response = connection.getresponse()
+            data = response.read()
+        finally:
+            connection.close()
+        return response.status, (json.loads(data) if data else None)
+
+    def listen(self) -> None:
+        """
+        Open an event stream read by a thread into C{events}
+        (C{(name, data)} pairs); closed by L{close}.
+        """
+        import http.client
+        import threading
+
+        connection = http.client.HTTPConnection(self.server.host, self.server.apiPort, timeout=60)
+        connection.request("GET", "/v1/events", headers={"Authorization": f"Bearer {self.token}"})
+        response = connection.getresponse()
+        if response.status != 200:
+            raise AssertionError(f"events: {response.status}")
+        self._connections.append(connection.sock)
+
+        def read():
+            fields = {}
+            try:
+                for raw in response:
+                    line = raw.decode("utf-8").rstrip("\n")
+                    if line:
+                        name, _, value = line.partition(": ")
+                        fields[name] = value
+                    elif "event" in fields:
+                        self.events.append((fields["event"], json.loads(fields["data"])))
+                        fields = {}
+            except (OSError, ValueError):
+                return
+
+        threading.Thread(target=read, daemon=True).start()
+
+    def named(self, name):
+        """
+        @return: the data of the events called C{name} so far.
+        """
+        return [data for event, data in list(self.events) if event == name]
+
+    def waitEvent(self, name, predicate=lambda data: True):
+        """
+        Wait (bounded) for an event called C{name} matching C{predicate}.
+        """
+        return waitFor(
+            lambda: [d for d in self.named(name) if predicate(d)],
+            f"{self.address}: {name} event",
+        )[0]
+
+    def close(self) -> None:
+        """
+        Close every event stream.
+        """
+        for sock in self._connections:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
 
 
 IMXCTL = [
