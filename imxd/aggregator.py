@@ -125,11 +125,11 @@ class VirtualDomain(service.Service):
         """
         return self.presence.decide(publisher, subscriber, grant)
 
-    def publishPresence(self, user: str, presence: str, status=None) -> Deferred:
+    def publishPresence(self, user: str, presence: str, status=None, attributes=None) -> Deferred:
         """
         See L{IDomainService.publishPresence}.
         """
-        return self.presence.publish(user, presence, status)
+        return self.presence.publish(user, presence, status, attributes)
 
     def remoteAttributes(self, requester: str, target: str) -> Deferred:
         """

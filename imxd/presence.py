@@ -114,6 +114,7 @@ class Presence:
         self.domain = domain
         self._subscriptions: dict[str, dict[str, Subscription]] = {}
         self._current: dict[str, tuple[str, str | None]] = {}
+        self._published: dict[str, tuple[str, ...]] = {}
         self._wanted: dict[tuple[str, str], Wanted] = {}
         self._attributeCache: dict[tuple[str, str], tuple[float, dict]] = {}
 
@@ -266,14 +267,19 @@ class Presence:
         """
         presence, status = self._current.get(publisher, ("offline", None))
         notify = Notify(
-            publisher=publisher, subscribers=(subscriber,), presence=presence, status=status
+            publisher=publisher,
+            subscribers=(subscriber,),
+            presence=presence,
+            status=status,
+            attributes=self._published.get(publisher, ()),
         )
         return self.domain.route(notify).addErrback(self._logFailure, "initial presence")
 
-    def publish(self, user, presence, status=None):
+    def publish(self, user, presence, status=None, attributes=None):
         """
         C{user}'s presence changed: one NOTIFY per subscriber domain (at
-        most L{NOTIFY_BATCH} recipients each).
+        most L{NOTIFY_BATCH} recipients each), carrying C{attributes}
+        unsolicited.
 
         @return: a L{Deferred} firing with the number of NOTIFY records
             sent once each has been answered (failures are logged).
@@ -283,6 +289,7 @@ class Presence:
         except Refused as e:
             return defer.fail(e)
         self._current[user] = (presence, status)
+        self._published[user] = formatAttributes(attributes or {})
         byDomain = {}
         for subscriber in self.subscribers(user):
             byDomain.setdefault(subscriber.rsplit("@", 1)[1], []).append(subscriber)
@@ -294,6 +301,7 @@ class Presence:
                     subscribers=tuple(subscribers[start : start + NOTIFY_BATCH]),
                     presence=presence,
                     status=status,
+                    attributes=self._published[user],
                 )
                 sent.append(
                     self.domain.route(notify).addErrback(

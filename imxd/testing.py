@@ -52,7 +52,7 @@ class FakeDomainService:
     def decide(self, publisher, subscriber, grant):
         return self._record("decide", publisher, subscriber, grant)
 
-    def publishPresence(self, user, presence, status=None):
+    def publishPresence(self, user, presence, status=None, attributes=None):
         return self._record("publishPresence", user, presence, status, result=0)
 
     def remoteAttributes(self, requester, target):

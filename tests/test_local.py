@@ -443,11 +443,16 @@ class LocalFederationTests(SynchronousTestCase):
         self.assertIn({"to": "bob@beta.test", "state": "granted"}, alice.named("subscription-state"))
         self.assertEqual(
             alice.named("presence"),
-            [{"from": "bob@beta.test", "state": "busy", "status": "in a meeting"}],
+            [{"from": "bob@beta.test", "state": "busy", "status": "in a meeting",
+              "attributes": {"alias": "Bob", "capabilities": backendmodule.CAPABILITIES}}],
         )
         bob.call("PUT", "presence", {"state": "online"})
         self.settle()
         self.assertEqual(alice.named("presence")[-1]["state"], "online")
+        self.assertEqual(
+            alice.named("presence")[-1]["attributes"],
+            {"alias": "Bob", "capabilities": backendmodule.CAPABILITIES},
+        )
         self.assertEqual(alice.call("GET", "subscriptions")[1], {"subscriptions": {"bob@beta.test": "granted"}})
         status, body, _ = alice.call("GET", "attributes/bob@beta.test")
         self.assertEqual((status, body["attributes"]["presence"]), (200, "online"))

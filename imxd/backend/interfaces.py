@@ -141,10 +141,13 @@ class IDomainService(Interface):
             told.
         """
 
-    def publishPresence(user, presence, status=None):
+    def publishPresence(user, presence, status=None, attributes=None):
         """
         C{user}'s presence changed: notify every live subscriber, one NOTIFY
         per remote domain.
+
+        @param attributes: the user's attributes to send unsolicited with
+            the NOTIFY (4.6.1), a C{{name: value}} dict, or L{None}.
 
         @return: a L{Deferred} firing once every domain has been handed its
             notification (failures are logged, not raised).

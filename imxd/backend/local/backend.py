@@ -285,7 +285,9 @@ class LocalBackend:
         for subscriber in notification.subscribers:
             seen = (notification.presence, notification.status)
             self._presenceSeen[(subscriber, publisher)] = seen
-            self.push(subscriber, "presence", self._presenceEvent(publisher, *seen))
+            event = self._presenceEvent(publisher, *seen)
+            event["attributes"] = parseAttributes(notification.attributes or ())
+            self.push(subscriber, "presence", event)
         return defer.succeed(None)
 
     @staticmethod
@@ -390,7 +392,7 @@ class LocalBackend:
         if state not in PRESENCE_STATES:
             raise Refused(ErrorCode.MALFORMED, f"state must be one of {', '.join(PRESENCE_STATES)}")
         self._ownPresence[user] = state
-        self.sender.publishPresence(user, state, status).addErrback(
+        self.sender.publishPresence(user, state, status, self._attributes(user)).addErrback(
             lambda failure: self.log.info(
                 "{user}: presence not published: {why}", user=user, why=failure.getErrorMessage()
             )
