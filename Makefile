@@ -1,5 +1,6 @@
 # imxd developer tasks.  `make run` starts the server in the foreground on
-# etc/imxd.toml; `make test` runs the whole test suite.  Both build the
+# etc/imxd.toml; `make test` runs the whole test suite; `make demo` runs two
+# servers on loopback and shows two people using them with the `imx` tool.  Both build the
 # virtual environment in $(VENV) first when setup.cfg or pyproject.toml change.
 
 VENV ?= .venv
@@ -7,7 +8,7 @@ PYTHON ?= python3
 PYTEST_ARGS ?= -q -p no:cacheprovider
 CONFIG ?= etc/imxd.toml
 
-.PHONY: run test clean
+.PHONY: run test demo clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	@if ! $(PYTHON) -m venv $(VENV); then \
@@ -28,6 +29,9 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS) tests
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/python demo/demo.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info _trial_temp* .pytest_cache .hypothesis

@@ -294,6 +294,47 @@ class BackendErrorTests(TapTestsMixin, SynchronousTestCase):
         self.assertNotIn("\n", error.args[0])
 
 
+class LocalBackendServiceTests(TapTestsMixin, SynchronousTestCase):
+    """
+    Local domains share one client API listener per distinct address.
+    """
+
+    def addLocal(self, name, database, listen):
+        with open(self.path, "a") as f:
+            f.write(
+                f'[[domain]]\nname = "{name}"\nbackend = "local"\n'
+                f'backend_options = {{ database = "{database}", listen = "{listen}" }}\n'
+            )
+
+    def test_sharedListeners(self) -> None:
+        """
+        Two domains naming one address share a listener serving both;
+        a third address gets its own.
+        """
+        self.addLocal("gamma.test", "accounts.sqlite", "tcp:8280:interface=127.0.0.1")
+        self.addLocal("delta.test", "accounts.sqlite", "tcp:8280:interface=127.0.0.1")
+        self.addLocal("eps.test", "other.sqlite", "tcp:8281:interface=127.0.0.1")
+        service = makeService(self.options(), MemoryReactorClock())
+        first = service.getServiceNamed("client-api-0")
+        second = service.getServiceNamed("client-api-1")
+        self.assertEqual(sorted(first.api.backends), ["delta.test", "gamma.test"])
+        self.assertEqual(sorted(second.api.backends), ["eps.test"])
+        [listener] = list(first)
+        self.assertEqual(listener.description, "tcp:8280:interface=127.0.0.1")
+        self.assertTrue(os.path.exists(os.path.join(self.base, "accounts.sqlite")))
+
+    def test_databaseNotOpenable(self) -> None:
+        """
+        A database that cannot be opened stops start-up with one line
+        naming the domain and the path.
+        """
+        os.mkdir(os.path.join(self.base, "adirectory"))
+        self.addLocal("gamma.test", "adirectory", "tcp:8280")
+        error = self.assertRaises(SystemExit, makeService, self.options(), MemoryReactorClock())
+        self.assertIn("gamma.test: local database", error.args[0])
+        self.assertNotIn("\n", error.args[0])
+
+
 class TLSRequiredTests(TapTestsMixin, SynchronousTestCase):
     """
     Until TLS peering exists, a domain that requires it stops start-up

@@ -13,15 +13,16 @@ import re
 import secrets
 from urllib.parse import unquote
 
-from twisted.application import service, strports
+from twisted.application import service
+from twisted.internet.endpoints import serverFromString
 from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 from twisted.web import resource, server
 
 from imxd.backend.local.backend import canonical
+from imxd.listener import ListenerService
 from imxd.backend.local.store import AccountError, dummyHash, checkPassword
 from imxd.peer import Refused
-from imxd.wire import ErrorCode
 
 #: Largest request body accepted, octets.
 MAX_REQUEST = 1024 * 1024
@@ -603,7 +604,8 @@ def clientAPIServices(backends, reactor):
         api = ClientAPI(domains, reactor, runInThread)
         site = server.Site(api)
         site.displayTracebacks = False
-        listener = strports.service(listen, site, reactor=reactor)
+        listener = ListenerService(serverFromString(reactor, listen), site, listen)
+        listener.setName(f"client-api-{index}")
         apiService = ClientAPIService(api, listener)
         apiService.setName(f"client-api-{index}")
         services.append(apiService)
