@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shlex
 import shutil
 import signal
 import socket
@@ -152,7 +153,7 @@ class Person:
         """
         Run `imx ARGUMENTS` as this person; print the command and its output.
         """
-        print(f"    $ imx {' '.join(arguments)}", flush=True)
+        print(f"    $ imx {shlex.join(arguments)}", flush=True)
         result = subprocess.run(
             [os.path.join(BIN, "imx"), *arguments],
             input=stdin,
