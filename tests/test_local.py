@@ -258,6 +258,18 @@ class LocalFederationTests(SynchronousTestCase):
         self.network.clock.advance(apimodule.THROTTLE_WINDOW + 1)
         self.assertEqual(alice.login()[0], 201)
 
+    def test_sessionsCapped(self):
+        """
+        Beyond the cap of live sessions, logins get 503 until some expire.
+        """
+        self.patch(apimodule, "MAX_SESSIONS", 2)
+        for _ in range(2):
+            self.client("alice@alpha.test")
+        status, body = self.client("bob@alpha.test", login=False).login()
+        self.assertEqual((status, body["error"]), (503, "resource-limit"))
+        self.network.clock.advance(86401)
+        self.assertEqual(self.client("bob@alpha.test", login=False).login()[0], 201)
+
     def test_loginThrottledPerAddress(self):
         """
         After 20 failed logins from one client address (over many
@@ -283,6 +295,8 @@ class LocalFederationTests(SynchronousTestCase):
             ("PUT", "presence", b'{"state": "asleep"}', 400, "malformed"),
             ("PUT", "presence", b'{"state": "away", "status": "a\\u0000b"}', 400, "bad-request"),
             ("POST", "subscribers/bob@beta.test", b'{"decision": "maybe"}', 400, "bad-request"),
+            ("POST", "sessions", json.dumps({"address": "a" * 400, "password": "x"}).encode(),
+             400, "bad-request"),
         ]:
             got, body, _ = alice.call(method, path, raw=raw)
             self.assertEqual((got, body["error"]), (status, code), (method, path, raw))

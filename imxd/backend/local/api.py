@@ -35,6 +35,13 @@ THROTTLE_WINDOW = 900.0
 #: Seconds between keepalive comments on event streams.
 KEEPALIVE_INTERVAL = 15.0
 
+#: Longest address and password a login may give.
+MAX_ADDRESS = 320
+MAX_PASSWORD = 1024
+
+#: Live sessions kept at most; logins beyond get 503.
+MAX_SESSIONS = 100000
+
 #: Longest presence status text.
 MAX_STATUS = 200
 
@@ -101,10 +108,13 @@ class Sessions:
     def create(self, address, lifetime):
         """
         @return: a new token for C{address}, good for C{lifetime} seconds.
+        @raise APIError: 503 when L{MAX_SESSIONS} are live.
         """
         now = self.clock.seconds()
-        if len(self._tokens) > 10000:
+        if len(self._tokens) >= MAX_SESSIONS:
             self._tokens = {k: v for k, v in self._tokens.items() if v[1] > now}
+            if len(self._tokens) >= MAX_SESSIONS:
+                raise APIError(503, "resource-limit", "too many sessions are open; try later")
         token = secrets.token_urlsafe(32)
         self._tokens[self._key(token)] = (address, now + lifetime)
         return token
@@ -416,6 +426,8 @@ class ClientAPI(resource.Resource):
         body = self._body(request)
         account = _field(body, "address", str)
         password = _field(body, "password", str)
+        if len(account) > MAX_ADDRESS or len(password) > MAX_PASSWORD:
+            raise APIError(400, "bad-request", "address or password too long")
         client = getattr(request.getClientAddress(), "host", "unknown")
         wait = self.throttle.retryAfter(account, client)
         if wait > 0:
