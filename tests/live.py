@@ -52,12 +52,15 @@ class Server:
     """
 
     def __init__(self, base: str, name: str, host: str, domains, port=None, backend="spool",
-                 domainOptions=None):
+                 domainOptions=None, apiTLS=None):
         """
         @param backend: C{"spool"} or C{"local"}; a local server's client
             API listens on C{host:apiPort}.
         @param domainOptions: extra TOML lines per domain name.
+        @param apiTLS: C{(certificate, key)} PEM paths to serve the client
+            API over HTTPS, or L{None}.
         """
+        self.apiTLS = apiTLS
         self.name = name
         self.host = host
         self.port = port or freePort(host)
@@ -97,10 +100,14 @@ class Server:
         @return: the TOML lines choosing the domain's backend.
         """
         if self.backend == "local":
+            listen = f"tcp:{self.apiPort}:interface={self.host}"
+            if self.apiTLS:
+                certificate, key = self.apiTLS
+                listen = (f"ssl:{self.apiPort}:interface={self.host}:"
+                          f"certKey={certificate}:privateKey={key}")
             return [
                 'backend = "local"',
-                f'backend_options = {{ database = "local.sqlite", '
-                f'listen = "tcp:{self.apiPort}:interface={self.host}" }}',
+                f'backend_options = {{ database = "local.sqlite", listen = "{listen}" }}',
             ]
         return [
             'backend = "spool"',
@@ -266,9 +273,13 @@ class APIClient:
     One user of a local domain, speaking the client API over HTTP.
     """
 
-    def __init__(self, server: Server, address: str, password: str):
+    def __init__(self, server: Server, address: str, password: str, context=None):
+        """
+        @param context: an C{ssl.SSLContext} to speak HTTPS, or L{None}.
+        """
         self.server = server
         self.address = address
+        self.context = context
         status, body = self.call(
             "POST", "sessions", {"address": address, "password": password}, token=None
         )
@@ -282,10 +293,9 @@ class APIClient:
         """
         @return: C{(status, decoded JSON or None)}.
         """
-        import http.client
         from urllib.parse import quote
 
-        connection = http.client.HTTPConnection(self.server.host, self.server.apiPort, timeout=WAIT)
+        connection = self._connect(WAIT)
         headers = {"Content-Type": "application/json"}
         if token:
             headers["Authorization"] = f"Bearer {self.token}"
@@ -307,10 +317,9 @@ class APIClient:
         Open an event stream read by a thread into C{events}
         (C{(name, data)} pairs); closed by L{close}.
         """
-        import http.client
         import threading
 
-        connection = http.client.HTTPConnection(self.server.host, self.server.apiPort, timeout=60)
+        connection = self._connect(60)
         connection.request("GET", "/v1/events", headers={"Authorization": f"Bearer {self.token}"})
         response = connection.getresponse()
         if response.status != 200:
@@ -332,6 +341,15 @@ class APIClient:
                 return
 
         threading.Thread(target=read, daemon=True).start()
+
+    def _connect(self, timeout):
+        import http.client
+
+        if self.context is not None:
+            return http.client.HTTPSConnection(
+                self.server.host, self.server.apiPort, timeout=timeout, context=self.context
+            )
+        return http.client.HTTPConnection(self.server.host, self.server.apiPort, timeout=timeout)
 
     def named(self, name):
         """

@@ -9,6 +9,7 @@ HTTP (L{tests.live.APIClient}).
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import unittest
@@ -153,3 +154,49 @@ class LiveLocalTests(unittest.TestCase):
         ann.listen()
         message = ann.waitEvent("message", lambda m: m["id"] == sent["id"])
         self.assertEqual(message["body"], "while you were out")
+
+
+class LiveClientTLSTests(unittest.TestCase):
+    """
+    The client API served over HTTPS (an C{ssl:} endpoint) with a
+    certificate from a test CA.
+    """
+
+    def setUp(self):
+        import ssl
+
+        import trustme
+
+        self.base = tempfile.mkdtemp(prefix="imxd-live-tls-")
+        self.addCleanup(shutil.rmtree, self.base, True)
+        ca = trustme.CA()
+        issued = ca.issue_cert("127.0.0.33")
+        certificate = os.path.join(self.base, "api.pem")
+        key = os.path.join(self.base, "api.key")
+        issued.cert_chain_pems[0].write_to_path(certificate)
+        issued.private_key_pem.write_to_path(key)
+        self.server = Server(self.base, "T", "127.0.0.33", ["t.test"], backend="local",
+                             apiTLS=(certificate, key))
+        self.server.addUser("ann@t.test", PASSWORD)
+        self.server.addUser("bob@t.test", PASSWORD)
+        self.server.start(53)
+        self.addCleanup(self.server.stop)
+        self.server.waitListening()
+        self.context = ssl.create_default_context()
+        ca.configure_trust(self.context)
+
+    def test_https(self):
+        """
+        Login, a message and its event all travel over TLS; a client that
+        does not trust the certificate cannot connect.
+        """
+        import ssl
+
+        ann = APIClient(self.server, "ann@t.test", PASSWORD, context=self.context)
+        bob = APIClient(self.server, "bob@t.test", PASSWORD, context=self.context)
+        self.addCleanup(bob.close)
+        bob.listen()
+        self.assertEqual(ann.call("POST", "messages", {"to": "bob@t.test", "body": "secure"})[0], 202)
+        self.assertEqual(bob.waitEvent("message")["body"], "secure")
+        with self.assertRaises(ssl.SSLError):
+            APIClient(self.server, "ann@t.test", PASSWORD, context=ssl.create_default_context())
