@@ -43,8 +43,9 @@ DEFAULT_API = "http://127.0.0.1:8280"
 #: The session file used when neither C{--session} nor C{IMX_SESSION} names one.
 DEFAULT_SESSION = os.path.join("~", ".config", "imx", "session.json")
 
-#: Seconds one API request may take.
-REQUEST_TIMEOUT = 30.0
+#: Seconds one API request may take (the server may wait for DNS and another
+#: server before it answers).
+REQUEST_TIMEOUT = 90.0
 
 #: Seconds an event stream may stay silent before it is taken for dropped
 #: (the server writes a keepalive comment every 15 s).
@@ -58,6 +59,8 @@ RECONNECT_MAX = 5.0
 #: Longest event stream line read, octets.
 MAX_LINE = 8 * 1024 * 1024
 
+#: Exit statuses: success, refused by the API (or not logged in), usage
+#: error, the API cannot be reached.
 EXIT_OK = 0
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
@@ -290,7 +293,7 @@ class EventStream:
             elif field == "data":
                 data.append(value)
             elif field == "id":
-                eventId = int(value) if value.isdigit() else value
+                eventId = int(value) if value.isascii() and value.isdigit() else value
 
     def close(self) -> None:
         """
@@ -529,6 +532,10 @@ def cmdLogout(ctx: Context, args) -> int:
 def _readText(ctx: Context, words: Sequence[str]) -> str:
     if words and list(words) != ["-"]:
         return " ".join(words)
+    isatty = getattr(ctx.stdin, "isatty", None)
+    if isatty is not None and isatty():
+        ctx.stderr.write("imx: type the message, then Ctrl-D on a line of its own\n")
+        ctx.stderr.flush()
     text = ctx.stdin.read()
     if isinstance(text, bytes):
         text = text.decode("utf-8")
@@ -677,6 +684,12 @@ class Listener:
             try:
                 return client.events(self.acked, self._wait(deadline, REQUEST_TIMEOUT))
             except Unreachable as e:
+                self.ctx.warn(f"{e}; trying again")
+            except APIError as e:
+                # Busy or restarting (a proxy's 502/503), or the dropped
+                # stream still counted among the user's open ones: later.
+                if e.status != 429 and e.status < 500:
+                    raise
                 self.ctx.warn(f"{e}; trying again")
             delay = min(RECONNECT_MAX, max(delay, RECONNECT_FIRST) * 2)
 
@@ -1068,3 +1081,7 @@ def main(
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
         return EXIT_REFUSED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

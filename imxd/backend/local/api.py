@@ -11,7 +11,6 @@ import hashlib
 import json
 import re
 import secrets
-from urllib.parse import unquote
 
 from twisted.application import service
 from twisted.internet.endpoints import serverFromString
@@ -312,7 +311,7 @@ class ClientAPI(resource.Resource):
         """
         finished = []
         request.notifyFinish().addBoth(finished.append)
-        segments = [unquote(s.decode("utf-8", "replace")) for s in request.postpath]
+        segments = [s.decode("utf-8", "replace") for s in request.postpath]
         if segments and segments[-1] == "":
             segments.pop()
         try:
