@@ -1,0 +1,195 @@
+"""
+TLS for peering (draft 6.3.2, C{docs/protocol.md} section 11): the hosted
+domains' certificates, chosen by SNI, and the check of a peer's certificate
+against the peer's I{domain} with RFC 6125 rules (service_identity).
+
+This module builds pyOpenSSL contexts and judges certificates; the STARTTLS
+exchange on a connection is the peer protocol's.  Peer certificates are
+verified during the handshake without aborting it, so that the refusal can
+name the reason (wrong domain, expired, unknown issuer, self-signed) in an
+ERROR an operator can act on.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Mapping, Optional
+
+from OpenSSL import SSL
+from service_identity import VerificationError
+from service_identity.pyopenssl import verify_hostname
+
+__all__ = ["TLSError", "CertificateStore", "verifyReason"]
+
+#: OpenSSL X509 verification error codes and the reasons operators read.
+_VERIFY_REASONS = {
+    9: "certificate is not yet valid",
+    10: "certificate has expired",
+    18: "certificate is self-signed",
+    19: "certificate chain ends in an untrusted self-signed certificate",
+    20: "certificate issuer is unknown",
+    21: "certificate issuer is unknown",
+    2: "certificate issuer is unknown",
+    23: "certificate has been revoked",
+    26: "certificate is not for this purpose",
+}
+
+#: Ciphers for TLS 1.2 (TLS 1.3 suites are OpenSSL's defaults): forward
+#: secrecy and AEAD only.
+_CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20"
+
+
+class TLSError(Exception):
+    """
+    A certificate or key cannot be used; the message names the file and
+    the problem in one line.
+    """
+
+
+def _baseContext() -> SSL.Context:
+    context = SSL.Context(SSL.TLS_METHOD)
+    context.set_min_proto_version(SSL.TLS1_2_VERSION)
+    context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
+    context.set_cipher_list(_CIPHERS)
+    return context
+
+
+def _loadPair(context: SSL.Context, certificate: str, key: str) -> None:
+    try:
+        context.use_certificate_chain_file(certificate)
+    except (SSL.Error, OSError) as e:
+        raise TLSError(f"{certificate}: cannot use the certificate: {_text(e)}") from None
+    try:
+        context.use_privatekey_file(key)
+        context.check_privatekey()
+    except (SSL.Error, OSError) as e:
+        raise TLSError(f"{key}: cannot use the key with {certificate}: {_text(e)}") from None
+
+
+def _text(error: Exception) -> str:
+    if isinstance(error, SSL.Error) and error.args and isinstance(error.args[0], list):
+        return "; ".join(str(item[-1]) for item in error.args[0]) or "OpenSSL error"
+    return str(error) or type(error).__name__
+
+
+def verifyReason(code: int) -> str:
+    """
+    @return: the reason an operator reads for an OpenSSL verify error code.
+    """
+    return _VERIFY_REASONS.get(code, f"certificate verification failed (OpenSSL error {code})")
+
+
+class CertificateStore:
+    """
+    The certificates of the hosted domains and the trust anchors for peers.
+
+    @ivar domains: the hosted domains that have a certificate.
+    """
+
+    def __init__(
+        self,
+        certificates: Mapping[str, tuple[str, str]],
+        caFile: Optional[str] = None,
+        verify: bool = True,
+    ) -> None:
+        """
+        @param certificates: C{{domain: (certificate path, key path)}};
+            one certificate may serve several domains (its SAN names them).
+        @param caFile: a PEM bundle of trusted CAs, or L{None} for the
+            system's.
+        @param verify: check peer certificates; off only for operators who
+            choose so per peer.
+        @raise TLSError: a certificate or key cannot be used.
+        """
+        self.caFile = caFile
+        self.verify = verify
+        self._byPair: dict[tuple[str, str], SSL.Context] = {}
+        self._byDomain: dict[str, SSL.Context] = {}
+        for domain, pair in sorted(certificates.items()):
+            context = self._byPair.get(pair)
+            if context is None:
+                context = self._serving(*pair)
+                self._byPair[pair] = context
+            self._byDomain[domain] = context
+        self.domains = frozenset(self._byDomain)
+        self._failures: "weakref.WeakKeyDictionary[SSL.Connection, int]" = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def _serving(self, certificate: str, key: str) -> SSL.Context:
+        context = _baseContext()
+        _loadPair(context, certificate, key)
+        self._trust(context)
+        context.set_tlsext_servername_callback(self._selectBySNI)
+        return context
+
+    def _trust(self, context: SSL.Context) -> None:
+        if self.caFile:
+            try:
+                context.load_verify_locations(self.caFile)
+            except SSL.Error as e:
+                raise TLSError(f"{self.caFile}: cannot load CA bundle: {_text(e)}") from None
+        else:
+            context.set_default_verify_paths()
+        context.set_verify(SSL.VERIFY_PEER, self._recordFailure)
+
+    def _recordFailure(self, connection, certificate, code, depth, ok) -> bool:
+        """
+        Note the first verification error and let the handshake go on, so
+        that the refusal can say why.
+        """
+        if not ok and connection not in self._failures:
+            self._failures[connection] = code
+        return True
+
+    def _selectBySNI(self, connection: SSL.Connection) -> None:
+        name = connection.get_servername()
+        if name is None:
+            return
+        context = self._byDomain.get(name.decode("ascii", "replace").lower().rstrip("."))
+        if context is not None:
+            connection.set_context(context)
+
+    def serverContext(self, domain: str) -> Optional[SSL.Context]:
+        """
+        The context for accepting TLS on a connection opened for C{domain}
+        (a HELLO's TO_DOMAIN); SNI may switch it to another hosted
+        domain's certificate.
+
+        @return: the context, or L{None} when C{domain} has no certificate.
+        """
+        return self._byDomain.get(domain)
+
+    def clientContext(self, ownDomain: Optional[str] = None) -> SSL.Context:
+        """
+        The context for starting TLS towards a peer, presenting
+        C{ownDomain}'s certificate as a client certificate when it has one.
+        """
+        context = self._byDomain.get(ownDomain) if ownDomain else None
+        if context is not None:
+            return context
+        context = _baseContext()
+        self._trust(context)
+        return context
+
+    def peerProblem(self, connection: SSL.Connection, domain: str) -> Optional[str]:
+        """
+        Judge the certificate a peer presented for C{domain}, after the
+        handshake.
+
+        @return: L{None} when it is valid for C{domain} (or verification is
+            off), else the reason in one line.
+        """
+        if not self.verify:
+            return None
+        if connection.get_peer_certificate() is None:
+            return "no certificate was presented"
+        code = self._failures.pop(connection, None)
+        if code is not None:
+            return verifyReason(code)
+        try:
+            verify_hostname(connection, domain)
+        except VerificationError:
+            return f"certificate is not valid for {domain}"
+        return None
+
