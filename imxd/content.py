@@ -150,12 +150,7 @@ def check(sender, recipient, body, maxSize=None):
     """
     _checkSize(body, maxSize)
     head, separator, content = _split(body)
-    try:
-        message = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(
-            head + b"\r\n\r\n"
-        )
-    except Exception as e:  # the parser is lenient; this is a safety net
-        raise Refused(ErrorCode.MALFORMED, f"unreadable headers: {e}") from None
+    message = _headers(head)
     if message.defects:
         raise Refused(ErrorCode.MALFORMED, f"bad header block: {message.defects[0]!r}")
     for field, expected in (("From", sender), ("To", recipient)):
@@ -204,6 +199,25 @@ def _split(body):
     raise Refused(ErrorCode.MALFORMED, "no empty line after the headers")
 
 
+def _headers(head):
+    """
+    Parse a header block as UTF-8 text, so that every value is a string
+    (non-ASCII values included).
+
+    @raise Refused: C{invalid-utf8}, or C{malformed} if unreadable.
+    """
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Refused(ErrorCode.INVALID_UTF8, "the headers are not UTF-8") from None
+    try:
+        return email.parser.HeaderParser(policy=email.policy.compat32).parsestr(
+            text + "\r\n\r\n"
+        )
+    except Exception as e:  # the parser is lenient; this is a safety net
+        raise Refused(ErrorCode.MALFORMED, f"unreadable headers: {e}") from None
+
+
 def read(body):
     """
     Read a body for display: its media type, C{X-} headers and text.  Used
@@ -214,9 +228,7 @@ def read(body):
     @raise Refused: C{malformed} or C{invalid-utf8}.
     """
     head, _, content = _split(body)
-    message = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(
-        head + b"\r\n\r\n"
-    )
+    message = _headers(head)
     contentType = message.get("Content-Type", f"{PLAIN}; charset=utf-8")
     try:
         text = content.decode("utf-8")

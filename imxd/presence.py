@@ -48,6 +48,9 @@ PRIVATE_ATTRIBUTES = frozenset({"presence", "status"})
 
 PRESENCE_STATES = ("online", "away", "busy", "offline")
 
+#: The states a SUBSCRIPTION_STATE may carry (protocol.md 12.3).
+SUBSCRIPTION_STATES = ("pending", "granted", "denied", "cancelled", "expired")
+
 
 @attrs.define
 class Subscription:
@@ -452,6 +455,8 @@ class Presence:
         """
         subscriber = self._own(record.subscriber, "TO")
         publisher = str(Address.parse(record.publisher))
+        if record.state not in SUBSCRIPTION_STATES:
+            raise Refused(ErrorCode.MALFORMED, f"unknown subscription state {record.state!r}")
         key = (subscriber, publisher)
         wanted = self._wanted.get(key)
         if wanted is None:

@@ -204,7 +204,7 @@ class LocalFederationTests(SynchronousTestCase):
         }
 
     def client(self, address, login=True):
-        client = Client(self, self.stubs[address.rpartition("@")[2]], address)
+        client = Client(self, self.stubs[address.rpartition("@")[2].lower()], address)
         if login:
             self.assertEqual(client.login()[0], 201)
         return client
@@ -270,6 +270,68 @@ class LocalFederationTests(SynchronousTestCase):
         self.network.clock.advance(86401)
         self.assertEqual(self.client("bob@alpha.test", login=False).login()[0], 201)
 
+    def test_throttleKeyedOnTheCanonicalAddress(self):
+        """
+        Spelling the address another way does not give more tries.
+        """
+        for spelling in ("ALICE@alpha.test", "alice@ALPHA.test", "Alice@Alpha.Test",
+                         "alice@alpha.test", "aLiCe@alpha.test"):
+            self.client(spelling, login=False).login("wrong")
+        self.assertEqual(self.client("alice@alpha.test", login=False).login()[0], 429)
+
+    def test_sessionsCappedPerUser(self):
+        """
+        A new login beyond the per-user cap ends that user's oldest
+        session, and no one else's.
+        """
+        self.patch(apimodule, "MAX_SESSIONS_PER_USER", 2)
+        bob = self.client("bob@alpha.test")
+        first, second, third = (self.client("alice@alpha.test") for _ in range(3))
+        self.assertEqual(first.call("GET", "settings")[0], 401)
+        for client in (second, third, bob):
+            self.assertEqual(client.call("GET", "settings")[0], 200)
+
+    def test_oversizeRequestDropped(self):
+        """
+        A request announcing (or sending) more than MAX_REQUEST octets is
+        dropped before its body is stored.
+        """
+        from twisted.internet.testing import StringTransport
+        from twisted.web import server
+
+        site = server.Site(ClientAPI({}, self.network.clock))
+        site.requestFactory = apimodule.BoundedRequest
+        for head in (
+            b"Content-Length: 100000000000\r\n\r\n",
+            b"Transfer-Encoding: chunked\r\n\r\n" + b"100000\r\n" + b"x" * 0x100000 + b"\r\n"
+            + b"100000\r\n" + b"x" * 0x100000 + b"\r\n",
+        ):
+            protocol = site.buildProtocol(None)
+            transport = StringTransport()
+            protocol.makeConnection(transport)
+            protocol.dataReceived(b"POST /v1/sessions HTTP/1.1\r\nHost: api.test\r\n" + head)
+            self.assertTrue(transport.disconnecting)
+            protocol.connectionLost(None)
+
+    def test_pendingRequestsCapped(self):
+        """
+        A user has at most MAX_PENDING_REQUESTS requests waiting; more are
+        refused with resource-limit.
+        """
+        self.patch(backendmodule, "MAX_PENDING_REQUESTS", 2)
+        backend = self.backend("beta.test")
+        for n in range(2):
+            self.assertEqual(
+                self.successResultOf(backend.decideSubscription(f"s{n}@alpha.test", "bob@beta.test")),
+                "pending",
+            )
+        failure = self.failureResultOf(backend.decideSubscription("s9@alpha.test", "bob@beta.test"))
+        self.assertEqual(failure.value.token, "resource-limit")
+        self.assertEqual(
+            self.successResultOf(backend.decideSubscription("s0@alpha.test", "bob@beta.test")),
+            "pending",
+        )
+
     def test_loginThrottledPerAddress(self):
         """
         After 20 failed logins from one client address (over many
@@ -294,6 +356,7 @@ class LocalFederationTests(SynchronousTestCase):
             ("DELETE", "messages", None, 405, "method-not-allowed"),
             ("PUT", "presence", b'{"state": "asleep"}', 400, "malformed"),
             ("PUT", "presence", b'{"state": "away", "status": "a\\u0000b"}', 400, "bad-request"),
+            ("PUT", "presence", b'{"state": "away", "status": "\\ud800"}', 400, "bad-request"),
             ("POST", "subscribers/bob@beta.test", b'{"decision": "maybe"}', 400, "bad-request"),
             ("POST", "sessions", json.dumps({"address": "a" * 400, "password": "x"}).encode(),
              400, "bad-request"),
@@ -315,7 +378,7 @@ class LocalFederationTests(SynchronousTestCase):
         bob.listen()
         text = "x" * 1500 + " end"
         status, body, _ = alice.call(
-            "POST", "messages", {"to": "bob@beta.test", "body": text, "headers": {"X-Thread": "7"}}
+            "POST", "messages", {"to": "bob@beta.test", "body": text, "headers": {"X-Thread": "café 7"}}
         )
         self.assertEqual(status, 202)
         self.settle()
@@ -323,7 +386,7 @@ class LocalFederationTests(SynchronousTestCase):
         self.assertEqual(message["id"], body["id"])
         self.assertEqual((message["from"], message["to"]), ("alice@alpha.test", "bob@beta.test"))
         self.assertEqual((message["type"], message["body"]), ("text/plain", text))
-        self.assertEqual(message["headers"], {"X-Thread": "7"})
+        self.assertEqual(message["headers"], {"X-Thread": "café 7"})
         self.assertEqual(message["attributes"], {"alias": "Alice"})
 
     def test_htmlLiteSanitisedBothWays(self):
@@ -348,6 +411,20 @@ class LocalFederationTests(SynchronousTestCase):
         self.successResultOf(self.backend("alpha.test").deliverMessage(raw))
         self.settle()
         self.assertEqual(alice.named("message")[1]["body"], "<i>hey</i>")
+
+    def test_bodyTypeMustMatchTheEnvelope(self):
+        """
+        A body whose own Content-Type differs from the envelope's (html
+        declared as plain text) is refused, never shown unsanitised.
+        """
+        raw = Message(
+            sender="bob@beta.test", recipient="alice@alpha.test", messageId="raw-2",
+            contentType="text/plain; charset=utf-8",
+            body=b"From: bob@beta.test\r\nTo: alice@alpha.test\r\n"
+            b"Content-Type: text/html\r\n\r\n<script>x()</script>",
+        )
+        failure = self.failureResultOf(self.backend("alpha.test").deliverMessage(raw))
+        self.assertEqual(failure.value.token, "media-type-refused")
 
     def test_refusedAtTheEdge(self):
         """
@@ -509,6 +586,8 @@ class LocalFederationTests(SynchronousTestCase):
         bob = self.client("bob@beta.test")
         bob.call("POST", "subscribers/alice@alpha.test", {"decision": "grant"})
         self.assertEqual(alice.call("POST", "subscriptions", {"to": "bob@beta.test"})[1], {"state": "granted"})
+        self.assertEqual(alice.call("POST", "subscriptions", {"to": "bob@beta.test"})[1], {"state": "granted"})
+        self.assertEqual(alice.call("GET", "subscriptions")[1], {"subscriptions": {"bob@beta.test": "granted"}})
 
     def test_subscribeUnknownUser(self):
         """
@@ -566,6 +645,8 @@ class LocalFederationTests(SynchronousTestCase):
         late = self.client("bob@beta.test")
         late.listen()
         self.assertEqual(late.named("message"), [])
+        for odd in ("\u00b2", "99999999999999999999999"):
+            self.client("bob@beta.test").listen(lastEventId=odd)
 
     def test_capRefusesTemporarily(self):
         """

@@ -41,6 +41,9 @@ MAX_PASSWORD = 1024
 #: Live sessions kept at most; logins beyond get 503.
 MAX_SESSIONS = 100000
 
+#: Live sessions of one user; a new login ends the oldest beyond this.
+MAX_SESSIONS_PER_USER = 32
+
 #: Longest presence status text.
 MAX_STATUS = 200
 
@@ -99,6 +102,7 @@ class Sessions:
     def __init__(self, clock):
         self.clock = clock
         self._tokens: dict[str, tuple[str, float]] = {}
+        self._byUser: dict[str, list[str]] = {}
 
     @staticmethod
     def _key(token):
@@ -112,10 +116,19 @@ class Sessions:
         now = self.clock.seconds()
         if len(self._tokens) >= MAX_SESSIONS:
             self._tokens = {k: v for k, v in self._tokens.items() if v[1] > now}
+            self._byUser = {}
+            for k, (owner, _) in self._tokens.items():
+                self._byUser.setdefault(owner, []).append(k)
             if len(self._tokens) >= MAX_SESSIONS:
                 raise APIError(503, "resource-limit", "too many sessions are open; try later")
         token = secrets.token_urlsafe(32)
-        self._tokens[self._key(token)] = (address, now + lifetime)
+        key = self._key(token)
+        self._tokens[key] = (address, now + lifetime)
+        mine = [k for k in self._byUser.get(address, []) if k in self._tokens]
+        mine.append(key)
+        while len(mine) > MAX_SESSIONS_PER_USER:
+            self._tokens.pop(mine.pop(0), None)
+        self._byUser[address] = mine
         return token
 
     def lookup(self, token):
@@ -179,11 +192,15 @@ class LoginThrottle:
         for key in (("account", account), ("address", address)):
             self._failures.setdefault(key, []).append(self.clock.seconds())
 
-    def succeeded(self, account):
+    def succeeded(self, account, address):
         """
-        A login succeeded: the account's failures are forgotten.
+        A login succeeded: the account's failures are forgotten, and the
+        attempt is not counted against the client address.
         """
         self._failures.pop(("account", account), None)
+        times = self._failures.get(("address", address))
+        if times:
+            times.pop()
 
 
 class EventStream:
@@ -204,7 +221,7 @@ class EventStream:
         lines = [f"event: {name}"]
         if eventId is not None:
             lines.append(f"id: {eventId}")
-        lines.append("data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")))
+        lines.append("data: " + json.dumps(data, separators=(",", ":")))
         self.request.write(("\n".join(lines) + "\n\n").encode("utf-8"))
 
     def comment(self, text):
@@ -398,6 +415,10 @@ class ClientAPI(resource.Resource):
             raise APIError(400, "bad-request", "the body must be a JSON object") from None
         if not isinstance(body, dict):
             raise APIError(400, "bad-request", "the body must be a JSON object")
+        try:
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(400, "bad-request", "text must be valid Unicode (no lone surrogates)") from None
         return body
 
     def _token(self, request):
@@ -428,22 +449,25 @@ class ClientAPI(resource.Resource):
         if len(account) > MAX_ADDRESS or len(password) > MAX_PASSWORD:
             raise APIError(400, "bad-request", "address or password too long")
         client = getattr(request.getClientAddress(), "host", "unknown")
-        wait = self.throttle.retryAfter(account, client)
-        if wait > 0:
-            raise APIError(429, "too-many-requests", "too many failed logins", wait)
         try:
             address = canonical(account)
         except Refused:
             address = None
+        key = address or account.lower()
+        wait = self.throttle.retryAfter(key, client)
+        if wait > 0:
+            raise APIError(429, "too-many-requests", "too many failed logins", wait)
+        # Counted as failed until proved right, so that attempts running
+        # at once cannot pass the limit.
+        self.throttle.failed(key, client)
         backend = self.backends.get(address.rpartition("@")[2]) if address else None
         stored = backend.store.passwordHash(address) if backend else None
         right = yield self.runInThread(checkPassword, password, stored or dummyHash())
         if not (right and stored):
-            self.throttle.failed(account, client)
             self.log.info("client API: failed login for {account} from {client}",
-                          account=account, client=client)
+                          account=key, client=client)
             raise APIError(401, "unauthorized", "wrong address or password")
-        self.throttle.succeeded(account)
+        self.throttle.succeeded(key, client)
         token = self.sessions.create(address, backend.sessionLifetime)
         return 201, {"token": token, "address": address, "expires": int(backend.sessionLifetime)}
 
@@ -554,8 +578,9 @@ class ClientAPI(resource.Resource):
 
     def events(self, request):
         user, backend = self._user(request)
-        header = _header(request, b"last-event-id").strip() or "0"
-        lastEventId = int(header) if header.isdigit() else 0
+        header = _header(request, b"last-event-id").strip()
+        lastEventId = int(header) if header.isascii() and header.isdigit() else 0
+        lastEventId = min(lastEventId, 2**62)
         backend.checkStreamLimit(user)
         request.setResponseCode(200)
         request.setHeader(b"Content-Type", b"text/event-stream; charset=utf-8")
@@ -572,6 +597,32 @@ class ClientAPI(resource.Resource):
 
         request.notifyFinish().addBoth(closed)
         return STREAMING
+
+
+class BoundedRequest(server.Request):
+    """
+    A request whose body may not exceed L{MAX_REQUEST} octets: the
+    connection is dropped as soon as it does, before more is stored.
+    """
+
+    received = 0
+
+    def gotLength(self, length):
+        if length is not None and length > MAX_REQUEST:
+            self._refuseTooLarge()
+            length = 0
+        super().gotLength(length)
+
+    def handleContentChunk(self, data):
+        self.received += len(data)
+        if self.received > MAX_REQUEST:
+            self._refuseTooLarge()
+            return
+        super().handleContentChunk(data)
+
+    def _refuseTooLarge(self):
+        if self.channel is not None and self.channel.transport is not None:
+            self.channel.transport.loseConnection()
 
 
 class ClientAPIService(service.MultiService):
@@ -614,6 +665,7 @@ def clientAPIServices(backends, reactor):
     for index, (listen, domains) in enumerate(sorted(byListen.items())):
         api = ClientAPI(domains, reactor, runInThread)
         site = server.Site(api)
+        site.requestFactory = BoundedRequest
         site.displayTracebacks = False
         listener = ListenerService(serverFromString(reactor, listen), site, listen)
         listener.setName(f"client-api-{index}")

@@ -34,8 +34,13 @@ DEFAULT_LISTEN = "tcp:8280:interface=127.0.0.1"
 #: Event streams one user may hold open at once.
 MAX_STREAMS_PER_USER = 8
 
-#: Seconds an event written to a stream stays replayable by Last-Event-ID.
-REPLAY_GRACE = 60.0
+#: Seconds an event written to a stream stays replayable by Last-Event-ID
+#: (a half-open TCP connection can take minutes to notice; a client that
+#: reconnects within this time gets what it may have missed).
+REPLAY_GRACE = 86400.0
+
+#: Subscription requests waiting for one user's decision, at most.
+MAX_PENDING_REQUESTS = 100
 
 #: Seconds between housekeeping runs (expiry, pruning).
 HOUSEKEEPING_INTERVAL = 60.0
@@ -219,6 +224,13 @@ class LocalBackend:
         sender = canonical(message.sender, "FROM")
         self._known(recipient)
         body = content.read(message.body)
+        declared = message.contentType.split(";", 1)[0].strip().lower()
+        if body.mediaType != declared or declared not in content.MEDIA_TYPES:
+            raise Refused(
+                ErrorCode.MEDIA_TYPE_REFUSED,
+                f"{self.domain} shows only text/plain and text/html-lite, declared"
+                f" alike in CONTENT_TYPE and the body (got {declared}, {body.mediaType})",
+            )
         if body.mediaType == content.HTML_LITE:
             body = content.Content(
                 body.mediaType, body.contentType, body.body,
@@ -311,6 +323,10 @@ class LocalBackend:
         remembered = self.store.decision(publisher, subscriber)
         if remembered in ("granted", "denied"):
             return defer.succeed(remembered)
+        if remembered is None and len(self.store.pendingRequests(publisher)) >= MAX_PENDING_REQUESTS:
+            return defer.fail(
+                Refused(ErrorCode.RESOURCE_LIMIT, f"{publisher} has too many requests waiting")
+            )
         self.store.setDecision(publisher, subscriber, "pending")
         self.push(publisher, "subscription-request", {"from": subscriber})
         return defer.succeed("pending")
@@ -408,7 +424,8 @@ class LocalBackend:
             with L{Refused} when refused for good.
         """
         to = canonical(to, "to")
-        self.store.setContact(user, to, "requesting")
+        if to not in self.store.contacts(user):
+            self.store.setContact(user, to, "requesting")
         try:
             state = yield self.sender.subscribe(user, to)
         except Refused as e:
@@ -416,6 +433,7 @@ class LocalBackend:
                 return "requesting"
             self.store.removeContact(user, to)
             raise
+        self.store.setContact(user, to, state)
         return state
 
     def unsubscribe(self, user, to):
@@ -529,8 +547,14 @@ class LocalBackend:
         C{offlineLifetime} to their senders.
         """
         now = self.clock.seconds()
-        self.store.pruneDelivered(now - REPLAY_GRACE)
-        for owner, event in self.store.expire(self.domain, now - self.offlineLifetime):
+        try:
+            self.store.pruneDelivered(now - REPLAY_GRACE)
+            expired = self.store.expire(self.domain, now - self.offlineLifetime)
+        except Exception:
+            self.log.failure("{domain}: housekeeping failed; next try in a minute",
+                             domain=self.domain)
+            return
+        for owner, event in expired:
             if event["event"] == "message":
                 self.bounce(event["data"], "recipient-unavailable",
                             "not read within the time messages are kept")
