@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred, fail, maybeDeferred
 from zope.interface import implementer
 
 from imxd.config import Config, DomainConfig
+from imxd.content import mediaTypeOf
 from imxd.peer import Refused
 from imxd.presence import Presence
 from imxd.wire import ErrorCode, Message
@@ -151,7 +152,7 @@ class VirtualDomain(service.Service):
         if not isinstance(record, Message):
             return self.presence.receive(record)
         config = self.config
-        mediaType = record.contentType.split(";", 1)[0].strip().lower()
+        mediaType = mediaTypeOf(record.contentType)
         if mediaType not in config.acceptedTypes:
             return fail(
                 Refused(

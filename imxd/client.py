@@ -319,11 +319,19 @@ class Client:
     Blocking calls to the client API at one base URL.
     """
 
-    def __init__(self, api: str, token: Optional[str] = None, timeout: float = REQUEST_TIMEOUT):
+    def __init__(
+        self,
+        api: str,
+        token: Optional[str] = None,
+        timeout: float = REQUEST_TIMEOUT,
+        context: Optional[ssl.SSLContext] = None,
+    ):
         """
         @param api: the base URL, C{http://} or C{https://}, possibly with a
             path prefix.
         @param token: the session's bearer token, if logged in.
+        @param context: the TLS context for C{https://} (default: the
+            system's trust).
         @raise UsageError: C{api} is not such a URL.
         """
         parts = urlsplit(api)
@@ -336,6 +344,7 @@ class Client:
         self.api = api
         self.token = token
         self.timeout = timeout
+        self._context = context
         self._https = parts.scheme == "https"
         self._host = parts.hostname
         self._port = port
@@ -344,7 +353,8 @@ class Client:
     def _connection(self, timeout: Optional[float]) -> http.client.HTTPConnection:
         if self._https:
             return http.client.HTTPSConnection(
-                self._host, self._port, timeout=timeout, context=ssl.create_default_context()
+                self._host, self._port, timeout=timeout,
+                context=self._context or ssl.create_default_context(),
             )
         return http.client.HTTPConnection(self._host, self._port, timeout=timeout)
 

@@ -78,8 +78,16 @@ def sanitiseHtmlLite(html):
     )
 
 
+def mediaTypeOf(contentType):
+    """
+    @return: the C{type/subtype} of a Content-Type value, lower-case,
+        without parameters.
+    """
+    return contentType.split(";", 1)[0].strip().lower()
+
+
 def _mediaType(value):
-    mediaType = value.split(";", 1)[0].strip().lower()
+    mediaType = mediaTypeOf(value)
     if mediaType not in MEDIA_TYPES:
         raise Refused(
             ErrorCode.MEDIA_TYPE_REFUSED,
@@ -234,7 +242,7 @@ def read(body):
         text = content.decode("utf-8")
     except UnicodeDecodeError:
         raise Refused(ErrorCode.INVALID_UTF8, "the body is not UTF-8") from None
-    mediaType = contentType.split(";", 1)[0].strip().lower()
+    mediaType = mediaTypeOf(contentType)
     headers = tuple(
         (name, str(value)) for name, value in message.items() if name.lower().startswith("x-")
     )

@@ -287,7 +287,7 @@ class APIClient:
             raise AssertionError(f"login of {address} failed: {status} {body}")
         self.token = body["token"]
         self.events = []
-        self._connections = []
+        self._streams = []
 
     def call(self, method, path, body=None, token=True):
         """
@@ -314,30 +314,24 @@ class APIClient:
 
     def listen(self) -> None:
         """
-        Open an event stream read by a thread into C{events}
-        (C{(name, data)} pairs); closed by L{close}.
+        Open an event stream (read with L{imxd.client.EventStream}) by a
+        thread into C{events} (C{(name, data)} pairs); closed by L{close}.
         """
         import threading
 
-        connection = self._connect(60)
-        connection.request("GET", "/v1/events", headers={"Authorization": f"Bearer {self.token}"})
-        response = connection.getresponse()
-        if response.status != 200:
-            raise AssertionError(f"events: {response.status}")
-        self._connections.append(connection.sock)
+        from imxd.client import Client
+
+        scheme = "https" if self.context is not None else "http"
+        client = Client(f"{scheme}://{self.server.host}:{self.server.apiPort}", self.token,
+                        context=self.context)
+        stream = client.events(timeout=60)
+        self._streams.append(stream)
 
         def read():
-            fields = {}
             try:
-                for raw in response:
-                    line = raw.decode("utf-8").rstrip("\n")
-                    if line:
-                        name, _, value = line.partition(": ")
-                        fields[name] = value
-                    elif "event" in fields:
-                        self.events.append((fields["event"], json.loads(fields["data"])))
-                        fields = {}
-            except (OSError, ValueError):
+                while (event := stream.next(None)) is not None:
+                    self.events.append((event.name, event.data))
+            except Exception:  # the stream was closed under the reader
                 return
 
         threading.Thread(target=read, daemon=True).start()
@@ -370,12 +364,8 @@ class APIClient:
         """
         Close every event stream.
         """
-        for sock in self._connections:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            sock.close()
+        for stream in self._streams:
+            stream.close()
 
 
 IMXCTL = [

@@ -428,13 +428,20 @@ class ClientAPI(resource.Resource):
             raise APIError(401, "unauthorized", "send Authorization: Bearer TOKEN")
         return token.strip()
 
+    def _backendOf(self, address):
+        """
+        @return: the backend serving a canonical address's domain here, or
+            L{None} (also for no address).
+        """
+        return self.backends.get(address.rpartition("@")[2]) if address else None
+
     def _user(self, request):
         """
         @return: C{(address, backend)} of the session's user.
         @raise APIError: 401 without a live session.
         """
         address = self.sessions.lookup(self._token(request))
-        backend = self.backends.get(address.rpartition("@")[2]) if address else None
+        backend = self._backendOf(address)
         if backend is None or not backend.store.exists(address):
             raise APIError(401, "unauthorized", "the session is unknown or has expired")
         return address, backend
@@ -460,7 +467,7 @@ class ClientAPI(resource.Resource):
         # Counted as failed until proved right, so that attempts running
         # at once cannot pass the limit.
         self.throttle.failed(key, client)
-        backend = self.backends.get(address.rpartition("@")[2]) if address else None
+        backend = self._backendOf(address)
         stored = backend.store.passwordHash(address) if backend else None
         right = yield self.runInThread(checkPassword, password, stored or dummyHash())
         if not (right and stored):

@@ -213,18 +213,14 @@ class LocalBackend:
         only-granted), then keep the message and write it to the
         recipient's open streams; see L{IBackend.deliverMessage}.
         """
-        try:
-            self._deliver(message)
-        except Refused as e:
-            return defer.fail(e)
-        return defer.succeed(None)
+        return defer.execute(self._deliver, message)
 
     def _deliver(self, message):
         recipient = canonical(message.recipient, "TO")
         sender = canonical(message.sender, "FROM")
         self._known(recipient)
         body = content.read(message.body)
-        declared = message.contentType.split(";", 1)[0].strip().lower()
+        declared = content.mediaTypeOf(message.contentType)
         if body.mediaType != declared or declared not in content.MEDIA_TYPES:
             raise Refused(
                 ErrorCode.MEDIA_TYPE_REFUSED,
@@ -294,11 +290,11 @@ class LocalBackend:
         L{IBackend.deliverNotification}.
         """
         publisher = notification.publisher
+        seen = (notification.presence, notification.status)
+        event = self._presenceEvent(publisher, *seen)
+        event["attributes"] = parseAttributes(notification.attributes or ())
         for subscriber in notification.subscribers:
-            seen = (notification.presence, notification.status)
             self._presenceSeen[(subscriber, publisher)] = seen
-            event = self._presenceEvent(publisher, *seen)
-            event["attributes"] = parseAttributes(notification.attributes or ())
             self.push(subscriber, "presence", event)
         return defer.succeed(None)
 
@@ -312,24 +308,20 @@ class LocalBackend:
         pending and the publisher gets a C{subscription-request} event; see
         L{IBackend.decideSubscription}.
         """
-        try:
-            self._known(publisher)
-        except Refused as e:
-            return defer.fail(e)
+        return defer.execute(self._decide, subscriber, publisher)
+
+    def _decide(self, subscriber, publisher):
+        self._known(publisher)
         if self.store.isBlocked(publisher, subscriber):
-            return defer.fail(
-                Refused(ErrorCode.BLOCKED, f"{publisher} does not accept requests from {subscriber}")
-            )
+            raise Refused(ErrorCode.BLOCKED, f"{publisher} does not accept requests from {subscriber}")
         remembered = self.store.decision(publisher, subscriber)
         if remembered in ("granted", "denied"):
-            return defer.succeed(remembered)
+            return remembered
         if remembered is None and len(self.store.pendingRequests(publisher)) >= MAX_PENDING_REQUESTS:
-            return defer.fail(
-                Refused(ErrorCode.RESOURCE_LIMIT, f"{publisher} has too many requests waiting")
-            )
+            raise Refused(ErrorCode.RESOURCE_LIMIT, f"{publisher} has too many requests waiting")
         self.store.setDecision(publisher, subscriber, "pending")
         self.push(publisher, "subscription-request", {"from": subscriber})
-        return defer.succeed("pending")
+        return "pending"
 
     def subscriptionChanged(self, subscriber: str, publisher: str, state: str) -> None:
         """
@@ -345,11 +337,11 @@ class LocalBackend:
         C{alias} and C{capabilities} (imxd adds presence for requesters
         the user granted); see L{IBackend.userAttributes}.
         """
-        try:
+        def known():
             self._known(user)
-        except Refused as e:
-            return defer.fail(e)
-        return defer.succeed(self._attributes(user))
+            return self._attributes(user)
+
+        return defer.execute(known)
 
     def _attributes(self, user):
         values = {"capabilities": CAPABILITIES}
