@@ -35,6 +35,7 @@ __all__ = [
     "PeerConfig",
     "DomainConfig",
     "PolicyConfig",
+    "TLSConfig",
     "loadConfig",
     "parseConfig",
     "DEFAULT_PORT",
@@ -45,7 +46,8 @@ DEFAULT_PORT = 5275
 """The IMX port used when neither discovery nor configuration names one."""
 
 TLS_MODES = ("off", "offered", "required")
-"""The values of C{domain.policy.tls}."""
+"""The TLS policies, strictest last: C{server.tls.policy},
+C{domain.policy.tls} and C{peer.tls}."""
 
 
 class ConfigError(Exception):
@@ -120,6 +122,24 @@ class LimitsConfig:
 
 
 @attrs.frozen
+class TLSConfig:
+    """
+    C{[server.tls]}: TLS towards peers, for the whole process.
+
+    @ivar policy: the default of every hosted domain's C{policy.tls}:
+        C{"off"}, C{"offered"} or C{"required"}.
+    @ivar verify: whether peers' certificates are checked (a peer's
+        C{tls_verify} overrides it).
+    @ivar caFile: absolute path of a PEM bundle of trusted CAs, or L{None}
+        for the system's.
+    """
+
+    policy: str = "offered"
+    verify: bool = True
+    caFile: Optional[str] = None
+
+
+@attrs.frozen
 class ServerConfig:
     """
     C{[server]}: settings of the whole process.
@@ -132,6 +152,7 @@ class ServerConfig:
     @ivar software: product token announced in HELLO.
     @ivar timeouts: the L{TimeoutsConfig}.
     @ivar limits: the L{LimitsConfig}.
+    @ivar tls: the L{TLSConfig}.
     """
 
     stateDirectory: str
@@ -142,22 +163,31 @@ class ServerConfig:
     software: str
     timeouts: TimeoutsConfig
     limits: LimitsConfig
+    tls: TLSConfig = TLSConfig()
 
 
 @attrs.frozen
 class PeerConfig:
     """
-    One C{[[peer]]}: a static address for a remote domain, used instead of
-    discovery.
+    One C{[[peer]]}: what is set for one remote domain: a static address
+    used instead of discovery, and overrides of the TLS policy.
 
     @ivar domain: the normalised remote domain.
-    @ivar host: host name or IP address to connect to.
+    @ivar host: host name or IP address to connect to, or L{None} to use
+        discovery.
     @ivar port: TCP port.
+    @ivar tls: C{"off"}, C{"offered"} or C{"required"} for every hosted
+        domain's traffic with this peer, or L{None} to leave each hosted
+        domain's policy.
+    @ivar tlsVerify: whether this peer's certificate is checked, or L{None}
+        for C{server.tls.verify}.
     """
 
     domain: str
-    host: str
+    host: Optional[str] = None
     port: int = DEFAULT_PORT
+    tls: Optional[str] = None
+    tlsVerify: Optional[bool] = None
 
 
 @attrs.frozen
@@ -167,7 +197,8 @@ class PolicyConfig:
 
     @ivar blockedDomains: normalised remote domains refused, without
         duplicates, in the order written.
-    @ivar tls: C{"off"}, C{"offered"} or C{"required"}.
+    @ivar tls: C{"off"}, C{"offered"} or C{"required"} (left out:
+        C{server.tls.policy}).
     """
 
     blockedDomains: tuple[str, ...] = ()
@@ -273,6 +304,7 @@ def parseConfig(
     """
     where = _Where(path, "", os.path.abspath(os.fspath(baseDirectory)))
     values = _readTable(data, _TOP, where)
+    values["domains"] = _resolveTLSPolicies(values, where)
     config = Config(path=path, **values)
     hosted = {domain.name: i for i, domain in enumerate(config.domains)}
     for i, peer in enumerate(config.peers):
@@ -282,6 +314,32 @@ def parseConfig(
                 " and cannot also be a peer"
             )
     return config
+
+
+def _resolveTLSPolicies(values: dict, where: _Where) -> tuple:
+    """
+    Give every hosted domain that leaves C{policy.tls} out the server's
+    C{tls.policy}, and check that a domain requiring TLS can offer it.
+
+    @return: the domains.
+    """
+    default = values["server"].tls.policy
+    domains = []
+    for i, domain in enumerate(values["domains"]):
+        if domain.policy.tls is None:
+            domain = attrs.evolve(
+                domain, policy=attrs.evolve(domain.policy, tls=default)
+            )
+        if domain.policy.tls == "required" and not domain.certificate:
+            here = where.child("domain").item(i).child("policy").child("tls")
+            if values["server"].tls.policy == "required":
+                here = where.child("server").child("tls").child("policy")
+            raise here.error(
+                f"'required' needs certificate and key for {domain.name}"
+                f" (domain[{i}])"
+            )
+        domains.append(domain)
+    return tuple(domains)
 
 
 # The schema machinery.  A checker is called as check(value, where) with the
@@ -513,6 +571,24 @@ def _oneOf(*choices: str) -> _Checker:
     return check
 
 
+def _optional(check: _Checker) -> _Checker:
+    """
+    @return: a checker that keeps L{None} (a key left out) and otherwise
+        applies C{check}.
+    """
+
+    def optional(value: Any, where: _Where) -> Any:
+        return None if value is None else check(value, where)
+
+    return optional
+
+
+def _boolean(value: Any, where: _Where) -> bool:
+    if not isinstance(value, bool):
+        raise where.error(f"expected true or false, got {_describe(value)}")
+    return value
+
+
 def _domainName(value: Any, where: _Where) -> str:
     value = _string(value, where)
     try:
@@ -661,15 +737,17 @@ def _finishServer(values: dict, where: _Where) -> dict:
     return {**values, "dialbackSecretFile": secret, "adminSocket": admin}
 
 
+def _finishPeer(values: dict, where: _Where) -> dict:
+    if values["host"] is None and values["tls"] is None and values["tlsVerify"] is None:
+        raise where.error("sets nothing: give host, tls or tls_verify")
+    return values
+
+
 def _finishDomain(values: dict, where: _Where) -> dict:
     if values["certificate"] and not values["key"]:
         raise where.child("key").error("required when certificate is given")
     if values["key"] and not values["certificate"]:
         raise where.child("certificate").error("required when key is given")
-    if values["policy"].tls == "required" and not values["certificate"]:
-        raise where.child("policy").child("tls").error(
-            "'required' needs certificate and key for this domain"
-        )
     try:
         options = validateBackendOptions(
             values["backend"], values["backendOptions"], where.baseDirectory
@@ -729,6 +807,13 @@ _LIMITS = _table(
     _Key("max_outbound_per_peer", "maxOutboundPerPeer", _integer(1), 2),
 )
 
+_TLS = _table(
+    TLSConfig,
+    _Key("policy", "policy", _oneOf(*TLS_MODES), "offered"),
+    _Key("verify", "verify", _boolean, True),
+    _Key("ca_file", "caFile", _existingFile, ""),
+)
+
 _SERVER = _table(
     ServerConfig,
     _Key("state_dir", "stateDirectory", _stateDirectory, "state"),
@@ -744,20 +829,24 @@ _SERVER = _table(
     _Key("software", "software", _software, "imxd"),
     _Key("timeouts", "timeouts", _TIMEOUTS, {}),
     _Key("limits", "limits", _LIMITS, {}),
+    _Key("tls", "tls", _TLS, {}),
     finish=_finishServer,
 )
 
 _PEER = _table(
     PeerConfig,
     _Key("domain", "domain", _domainName),
-    _Key("host", "host", _hostName),
+    _Key("host", "host", _optional(_hostName), None),
     _Key("port", "port", _integer(1, 65535), DEFAULT_PORT),
+    _Key("tls", "tls", _optional(_oneOf(*TLS_MODES)), None),
+    _Key("tls_verify", "tlsVerify", _optional(_boolean), None),
+    finish=_finishPeer,
 )
 
 _POLICY = _table(
     PolicyConfig,
     _Key("blocked_domains", "blockedDomains", _listOf(_domainName, unique=True), []),
-    _Key("tls", "tls", _oneOf(*TLS_MODES), "offered"),
+    _Key("tls", "tls", _optional(_oneOf(*TLS_MODES)), None),
 )
 
 _DOMAIN = _table(

@@ -18,6 +18,7 @@ import secrets as _random
 import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from imxd.address import AddressError, normaliseDomain
 from imxd.dialback import DialbackError
@@ -82,9 +83,13 @@ class FederationProtocol(PeerProtocol):
         authenticated on this connection: it may send Data for them.
     @ivar redirectSent: this side sent REDIRECT (draining): new requests
         are refused with C{shutting-down}.
+    @ivar localDomain: for an outbound connection, the hosted domain whose
+        certificate is presented as a client certificate, or L{None}.
     """
 
-    def __init__(self, factory, originator=False, dialledDomain=None, trusted=True):
+    def __init__(
+        self, factory, originator=False, dialledDomain=None, trusted=True, localDomain=None
+    ):
         """
         @param factory: the L{Federation}.
         @param originator: whether this side opened the connection.
@@ -93,6 +98,8 @@ class FederationProtocol(PeerProtocol):
         @param trusted: for an outbound connection, whether its address came
             from this server's own discovery (6.3 item 1), not from a
             REDIRECT.
+        @param localDomain: for an outbound connection, the hosted domain it
+            is opened for first (its certificate is the client certificate).
         """
         super().__init__(factory, originator)
         self.federation = factory
@@ -101,6 +108,8 @@ class FederationProtocol(PeerProtocol):
         self.trusted = originator and trusted
         self.receivablePairs = set()
         self.redirectSent = False
+        self.localDomain = localDomain
+        self._certified = {}
         self._sendablePairs = {}
         self._awaitingSecret = {}
         self._verifying = 0
@@ -139,6 +148,83 @@ class FederationProtocol(PeerProtocol):
                 self._refuse(refusal.code, refusal.text)
                 return
         super().connectionMade()
+
+    # -- TLS ------------------------------------------------------------------
+
+    def tlsMode(self):
+        """
+        The connection's TLS mode: for one this side opened, the setting for
+        the domain dialled; for one a peer opened, the hosted domains'.
+        """
+        if self.originator and self.dialledDomains:
+            return self.factory.tls.connectionMode(min(self.dialledDomains))
+        return self.factory.tls.connectionMode()
+
+    def tlsServerName(self):
+        """
+        On a connection this side opened, the peer's certificate must be
+        valid for the domain dialled (not the SRV target's host name).
+        """
+        if self.originator and self.dialledDomains:
+            return min(self.dialledDomains)
+        return None
+
+    def tlsClientDomain(self):
+        """
+        The client certificate presented is the one of the hosted domain the
+        connection was opened for.
+        """
+        return self.localDomain
+
+    def upgradeRefusal(self):
+        """
+        STARTTLS is refused once a domain pair is authenticated or pending
+        here: nothing authenticated in plaintext may carry into TLS.
+        """
+        refusal = super().upgradeRefusal()
+        if refusal is None and (self.receivablePairs or self._awaitingSecret):
+            refusal = "STARTTLS after dial-back has begun on this connection"
+        return refusal
+
+    def pairTLSRefusal(self, hosted, remote):
+        """
+        @return: a L{Refused} (C{tls-required}) when traffic between
+            C{hosted} and C{remote} needs TLS and this connection is
+            plaintext, else L{None}.
+        """
+        tls = self.factory.tls
+        if self.tlsActive or tls is None or tls.pairMode(hosted, remote) != "required":
+            return None
+        return Refused(
+            ErrorCode.TLS_REQUIRED,
+            f"{hosted} requires TLS with {remote}, and this connection is not encrypted",
+        )
+
+    def certifiedFor(self, origin):
+        """
+        Whether the peer's client certificate authenticates C{origin}
+        (section 11.3): TLS is active, both sides announced
+        C{tls-cert-auth}, certificates of C{origin} are checked, and the
+        certificate is valid for it.  Each origin is judged once per
+        connection; a failure is logged with its reason.
+        """
+        tls = self.factory.tls
+        if not (self.tlsActive and self.bothOffer("tls-cert-auth")):
+            return False
+        if not tls.verifies(origin):
+            return False
+        if origin not in self._certified:
+            problem = tls.store.peerProblem(self.transport.getHandle(), origin)
+            self._certified[origin] = problem
+            if problem is not None:
+                self.log.info(
+                    "client certificate of {peer} does not authenticate {origin}"
+                    " ({problem}); dial-back instead",
+                    peer=self._peerName(),
+                    origin=origin,
+                    problem=problem,
+                )
+        return self._certified[origin] is None
 
     def helloDone(self):
         """
@@ -194,6 +280,8 @@ class FederationProtocol(PeerProtocol):
         if self._drainTimer is not None and self._drainTimer.active():
             self._drainTimer.cancel()
         super().connectionLost(reason)
+        if self.closeReason is not None:
+            reason = Failure(self.closeReason)
         self._open.fire(reason)
         for waiters in self._sendablePairs.values():
             if isinstance(waiters, Waiters):
@@ -268,6 +356,9 @@ class FederationProtocol(PeerProtocol):
                     ErrorCode.RELAY_DENIED,
                     f"{receiving} is not hosted here; this server does not relay",
                 )
+            refusal = self.pairTLSRefusal(receiving, origin)
+            if refusal is not None:
+                raise refusal
             if not self._trusts(origin, receiving):
                 raise Refused(
                     ErrorCode.NOT_AUTHENTICATED,
@@ -329,6 +420,9 @@ class FederationProtocol(PeerProtocol):
                 raise Refused(
                     ErrorCode.DIALBACK_FAILED, f"{origin} is hosted by this server"
                 )
+            refusal = self.pairTLSRefusal(receiving, origin)
+            if refusal is not None:
+                raise refusal
             if pair in self.receivablePairs:
                 self.sendRecord(
                     DialbackResult(tag=key.tag, fromDomain=origin, toDomain=receiving)
@@ -345,6 +439,18 @@ class FederationProtocol(PeerProtocol):
         except Refused as refusal:
             self.factory.count("dialbacks-refused")
             self.sendRecord(_pairError(refusal.code, refusal.text, _rawPair(key), key.tag))
+            return
+        if self.certifiedFor(origin):
+            self.receivablePairs.add(pair)
+            self.federation.count("pairs-certified")
+            self.log.info(
+                "{origin} -> {receiving} authenticated by certificate on the "
+                "connection from {peer}",
+                origin=origin,
+                receiving=receiving,
+                peer=self._peerName(),
+            )
+            self.sendRecord(DialbackResult(tag=key.tag, fromDomain=origin, toDomain=receiving))
             return
         federation = self.federation
         secret = federation.secrets.coin(self.connectionId, pair, self.clock.seconds())
@@ -482,6 +588,9 @@ class FederationProtocol(PeerProtocol):
         state = self._sendablePairs.get(pair)
         if state is True:
             return defer.succeed(self)
+        refusal = self.pairTLSRefusal(*pair)
+        if refusal is not None:
+            return defer.fail(refusal)
         if state is None:
             state = self._sendablePairs[pair] = Waiters()
             token = self.federation.tokens.issue(
@@ -683,6 +792,7 @@ class Federation(PeerFactory):
         connect,
         limits,
         dialbackTimeout=15.0,
+        tls=None,
     ):
         """
         @param clock: an L{IReactorTime} provider.
@@ -694,8 +804,9 @@ class Federation(PeerFactory):
         @param connect: the pool's connector (L{imxd.pool.tcpConnector}).
         @param limits: the L{imxd.config.LimitsConfig}.
         @param dialbackTimeout: seconds one dial-back may take.
+        @param tls: the L{imxd.tls.TLSPolicy}, or L{None} for no TLS.
         """
-        super().__init__(clock, settings, capabilities=CAPABILITIES)
+        super().__init__(clock, settings, capabilities=CAPABILITIES, tls=tls)
         self.aggregator = aggregator
         self.tokens = tokens
         self.secrets = secrets
@@ -732,14 +843,22 @@ class Federation(PeerFactory):
         """
         self._byId[protocol.connectionId] = protocol
 
-    def buildOutbound(self, domain, trusted=True):
+    def buildOutbound(self, domain, trusted=True, localDomain=None):
         """
         @param trusted: whether the address comes from this server's own
             discovery (C{False}: from a REDIRECT).
+        @param localDomain: the hosted domain the connection is opened for
+            (its certificate is presented).
         @return: a L{FederationProtocol} for a connection to be dialled for
             C{domain}.
         """
-        return self.protocol(self, originator=True, dialledDomain=domain, trusted=trusted)
+        return self.protocol(
+            self,
+            originator=True,
+            dialledDomain=domain,
+            trusted=trusted,
+            localDomain=localDomain,
+        )
 
     def connectionClosed(self, protocol):
         """
@@ -825,7 +944,7 @@ class Federation(PeerFactory):
         verify = DialbackVerify(
             fromDomain=receiving, toDomain=origin, token=token, secret=secret
         )
-        opened = self.pool.connection(origin, trusted=True)
+        opened = self.pool.connection(origin, trusted=True, localDomain=receiving)
 
         def ask(connection):
             asked = connection.requestVerify(verify)
@@ -928,14 +1047,22 @@ class Federation(PeerFactory):
         ]
         if self.draining:
             lines.append(("redirect-to", "%s:%d" % self.draining))
+        lines.append(
+            ("connections-tls", sum(1 for c in self.connections if c.tlsActive))
+        )
         for protocol in inbound:
+            name = f"inbound.{protocol.connectionId:016x}"
             if protocol.receivablePairs:
                 pairs = sorted(f"{o}->{r}" for o, r in protocol.receivablePairs)
-                lines.append(
-                    (f"inbound.{protocol.connectionId:016x}", " ".join(pairs))
-                )
+                lines.append((name, " ".join(pairs)))
+            if protocol.tlsActive:
+                lines.append((f"{name}.tls", protocol.tlsDescription))
         for domain, connections in sorted(self.pool.connections().items()):
             lines.append((f"peer.{domain}", len(connections)))
+            for connection in connections:
+                if connection.tlsActive:
+                    lines.append((f"peer.{domain}.tls", connection.tlsDescription))
+                    break
         for domain, redirection in sorted(self.pool.redirections.items()):
             target = redirection.target
             lines.append((f"redirect.{domain}", f"{target.host}:{target.port}"))

@@ -5,9 +5,10 @@ L{PeerFactory}.
 This module owns the connection's life: preamble and HELLO (version and
 capability negotiation), the handshake timeout, PING/PONG keepalive, the
 idle close, orderly CLOSE, requests with tags and their responses, and the
-refusal of bad input (ERROR, then close).  What Data records mean is decided
-elsewhere; until dial-back is in place every Data record is refused as
-not authenticated.
+refusal of bad input (ERROR, then close), and the in-band upgrade to TLS
+(STARTTLS, then preamble and HELLO again inside TLS; section 11).  What
+Data records mean is decided elsewhere; here every Data record is refused
+as not authenticated.
 
 Time comes from the injected clock; nothing here touches the global
 reactor.
@@ -19,9 +20,13 @@ import itertools
 
 import attrs
 from twisted.internet import defer
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
+from zope.interface import implementer
 
+from imxd.address import AddressError, normaliseDomain
+from imxd.tls import describe
 from imxd.wire import (
     DATA_TYPES,
     MINIMUM_MAX_RECORD,
@@ -37,6 +42,8 @@ from imxd.wire import (
     Hello,
     Ping,
     Pong,
+    StartTLS,
+    StartTLSProceed,
     UnknownRecord,
     WireError,
     decodeRecord,
@@ -140,6 +147,27 @@ class RemoteError(Refused):
         super().__init__(error.code, error.text, error.retryAfter)
 
 
+def _failureText(reason):
+    """
+    @return: one line saying why a connection was lost.
+    """
+    text = reason.getErrorMessage() if hasattr(reason, "getErrorMessage") else str(reason)
+    return text.splitlines()[0] if text else "connection lost"
+
+
+def _canonicalOrNone(domain):
+    """
+    @return: the canonical form of C{domain}, or L{None} when it is absent
+        or not a valid domain.
+    """
+    if domain is None:
+        return None
+    try:
+        return normaliseDomain(domain)
+    except AddressError:
+        return None
+
+
 def negotiateVersion(ours, theirs):
     """
     Choose the protocol version both sides speak: the highest version in
@@ -155,6 +183,7 @@ def negotiateVersion(ours, theirs):
     return chosen
 
 
+@implementer(IHandshakeListener)
 class PeerProtocol(Protocol):
     """
     One IMX connection, in either direction.
@@ -163,6 +192,11 @@ class PeerProtocol(Protocol):
     @ivar version: the negotiated protocol version, once HELLO is done.
     @ivar peerHello: the peer's L{Hello}, once received.
     @ivar originator: whether this side opened the connection.
+    @ivar tlsActive: whether the connection runs inside TLS (the handshake
+        is done).
+    @ivar tlsDescription: the TLS version and cipher, once TLS is active.
+    @ivar closeReason: the L{Refused} this side or the peer closed the
+        connection with, if any.
     """
 
     log = Logger()
@@ -192,6 +226,12 @@ class PeerProtocol(Protocol):
         self._idleTimer = None
         self._closeTimer = None
         self._closeSent = False
+        self.tlsActive = False
+        self.tlsDescription = None
+        self.closeReason = None
+        self._upgradeAfterRead = None
+        self._upgradeStarted = False
+        self._upgradeTag = 0
 
     # -- life -------------------------------------------------------------
 
@@ -203,10 +243,15 @@ class PeerProtocol(Protocol):
         if setNoDelay is not None:
             setNoDelay(True)
         self.factory.connectionOpened(self)
+        self._greet()
+
+    def _greet(self):
+        """
+        Write the preamble and HELLO and start the handshake clock: on
+        connect, and again inside TLS.
+        """
         self.transport.write(PREAMBLE + encodeRecord(self.helloRecord()))
-        self._handshakeTimer = self.clock.callLater(
-            self.settings.handshakeTimeout, self._handshakeTimedOut
-        )
+        self._restartHandshakeClock()
 
     def helloRecord(self):
         """
@@ -215,29 +260,99 @@ class PeerProtocol(Protocol):
         return Hello(
             versionMin=VERSION_MIN,
             versionMax=VERSION_MAX,
-            capabilities=self.factory.capabilities,
+            capabilities=self.factory.capabilities + self._tlsCapabilities(),
             maxRecord=self.settings.maxRecordSize,
             software=self.settings.software,
         )
+
+    def _tlsCapabilities(self):
+        """
+        @return: C{("starttls",)} before TLS when this side would use it,
+            C{("tls-cert-auth",)} inside TLS, or nothing without TLS.
+        """
+        tls = self.factory.tls
+        if tls is None:
+            return ()
+        if self.tlsActive or self._upgradeStarted:
+            return ("tls-cert-auth",)
+        if self.originator:
+            return ("starttls",) if self.tlsMode() != "off" else ()
+        return ("starttls",) if tls.offers() else ()
+
+    def tlsMode(self):
+        """
+        @return: the TLS mode of this connection as a whole (C{"off"},
+            C{"offered"} or C{"required"}); see L{imxd.tls.TLSPolicy}.
+        """
+        return self.factory.tls.connectionMode()
+
+    def tlsServerName(self):
+        """
+        @return: the peer domain to send as SNI and check the peer's
+            certificate against, on a connection this side opened.
+        """
+        return None
+
+    def tlsClientDomain(self):
+        """
+        @return: the hosted domain whose certificate this side presents as
+            a client certificate, or L{None}.
+        """
+        return None
+
+    def bothOffer(self, capability):
+        """
+        @return: whether both sides announced C{capability} in their HELLO.
+        """
+        if self.peerHello is None or capability not in self.peerHello.capabilities:
+            return False
+        return capability in self.factory.capabilities + self._tlsCapabilities()
 
     def connectionLost(self, reason=connectionDone):
         """
         Stop every timer and fail every request still waiting for an
         answer.
         """
+        if self._upgradeStarted and not self.tlsActive and self.closeReason is None:
+            self.closeReason = Refused(
+                ErrorCode.TLS_FAILED, f"TLS handshake failed: {_failureText(reason)}"
+            )
+            self.factory.count("tls-failures")
+            self.log.info(
+                "TLS with peer {peer} failed: {reason}",
+                peer=self._peerName(),
+                reason=self.closeReason.text,
+            )
         self.state = PeerState.CLOSED
-        for timer in (
-            self._handshakeTimer,
-            self._keepaliveTimer,
-            self._idleTimer,
-            self._closeTimer,
-        ):
-            if timer is not None and timer.active():
-                timer.cancel()
+        self._stopTimers()
+        if self._closeTimer is not None and self._closeTimer.active():
+            self._closeTimer.cancel()
         pending, self._pending = self._pending, {}
         for deferred in pending.values():
             deferred.errback(reason)
         self.factory.connectionClosed(self)
+
+    def _startTimers(self):
+        """
+        The connection is open: stop the handshake clock, start the
+        keepalive and idle clocks.
+        """
+        self._stopTimers()
+        self._touchKeepalive()
+        self._touchIdle()
+        self._keepaliveTimer = self.clock.callLater(
+            self.settings.keepaliveInterval, self._keepaliveDue
+        )
+        self._idleTimer = self.clock.callLater(self.settings.idleTimeout, self._idleDue)
+
+    def _stopTimers(self):
+        """
+        Stop the handshake, keepalive and idle clocks.
+        """
+        for timer in (self._handshakeTimer, self._keepaliveTimer, self._idleTimer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._handshakeTimer = self._keepaliveTimer = self._idleTimer = None
 
     # -- receiving ----------------------------------------------------------
 
@@ -253,7 +368,7 @@ class PeerProtocol(Protocol):
         except WireError as e:
             self._refuse(e.code, str(e), e.tag)
             return
-        for frame in frames:
+        for index, frame in enumerate(frames):
             if self.state is PeerState.CLOSED:
                 return
             try:
@@ -266,6 +381,10 @@ class PeerProtocol(Protocol):
                 self.sendRecord(Error(tag=e.tag, code=e.code, text=str(e)))
                 continue
             self._dispatch(record)
+            if self._upgradeAfterRead is not None:
+                trailing = len(frames) - index - 1 or self._decoder.buffered()
+                self._startTLS(trailing)
+                return
 
     def _dispatch(self, record):
         """
@@ -301,17 +420,21 @@ class PeerProtocol(Protocol):
         self.peerHello = hello
         self.sendLimit = hello.maxRecord
         self.state = PeerState.OPEN
-        self._handshakeTimer.cancel()
-        self._handshakeTimer = None
-        self._touchKeepalive()
-        self._touchIdle()
-        self._keepaliveTimer = self.clock.callLater(
-            self.settings.keepaliveInterval, self._keepaliveDue
-        )
-        self._idleTimer = self.clock.callLater(
-            self.settings.idleTimeout, self._idleDue
-        )
+        self._startTimers()
         self.factory.count("handshakes")
+        if self.factory.tls is not None and not self.tlsActive:
+            peerOffers = "starttls" in hello.capabilities
+            mode = self.tlsMode()
+            if self.originator and peerOffers and mode != "off":
+                self._askStartTLS()
+                return
+            if mode == "required" and not peerOffers:
+                self._refuse(
+                    ErrorCode.TLS_REQUIRED,
+                    "this server requires TLS on this connection, and the peer "
+                    "does not offer STARTTLS",
+                )
+                return
         self.helloDone()
 
     def helloDone(self):
@@ -319,6 +442,151 @@ class PeerProtocol(Protocol):
         Called once the HELLO exchange has succeeded.  Subclasses and later
         layers (dial-back, TLS) start from here.
         """
+
+    # -- STARTTLS (section 11) ----------------------------------------------
+
+    def _askStartTLS(self):
+        """
+        Originator: ask for the upgrade.  Nothing else is sent until the
+        answer; the handshake clock covers TLS and the second HELLO.
+        """
+        self._restartHandshakeClock()
+        self.request(StartTLS()).addCallbacks(self._proceed, self._startTLSRefused)
+
+    def _proceed(self, answer):
+        """
+        Originator: the peer agreed; TLS starts once the current input is
+        processed (and only if nothing follows the PROCEED in plaintext).
+        """
+        name = self.tlsServerName()
+        self._upgradeAfterRead = self.factory.tls.store.clientConnections(
+            name, self.tlsClientDomain()
+        )
+
+    def _startTLSRefused(self, failure):
+        """
+        Originator: the peer could not start TLS (ERROR), or the
+        connection went.  Refuse the connection if TLS is required, else
+        go on in plaintext.
+        """
+        if self.state is PeerState.CLOSED or not failure.check(RemoteError):
+            return
+        if self.tlsMode() == "required":
+            self._refuse(
+                ErrorCode.TLS_REQUIRED,
+                f"this server requires TLS, and the peer could not start it: "
+                f"{failure.value.text or failure.value.token}",
+            )
+            return
+        self.log.info(
+            "peer {peer} could not start TLS ({why}); going on without",
+            peer=self._peerName(),
+            why=failure.value.text,
+        )
+        self._startTimers()
+        self.helloDone()
+
+    def _handleStartTLS(self, record):
+        """
+        Receiver: agree to the upgrade when this side offered it and the
+        connection carries nothing yet; TLS starts once the current input
+        is processed (and only if nothing follows STARTTLS in it).
+        """
+        refusal = self.upgradeRefusal()
+        if refusal is not None:
+            self._refuse(ErrorCode.BAD_SEQUENCE, refusal, record.tag)
+            return
+        tls = self.factory.tls
+        if tls is None or not tls.offers():
+            self.sendRecord(
+                Error(tag=record.tag, code=ErrorCode.TLS_FAILED, text="TLS is not offered here")
+            )
+            return
+        domain = self.peerHello.toDomain
+        connections = tls.store.serverConnections(_canonicalOrNone(domain))
+        if connections is None:
+            self.factory.count("tls-failures")
+            self.sendRecord(
+                Error(
+                    tag=record.tag,
+                    code=ErrorCode.TLS_FAILED,
+                    text=f"no certificate for {domain} here",
+                )
+            )
+            return
+        self._restartHandshakeClock()
+        self._upgradeTag = record.tag
+        self._upgradeAfterRead = connections
+
+    def upgradeRefusal(self):
+        """
+        @return: why STARTTLS may not be taken now, or L{None}.
+        """
+        if self.originator:
+            return "STARTTLS is sent only by the side that opened the connection"
+        if self.tlsActive or self._upgradeStarted:
+            return "STARTTLS inside TLS"
+        if self._pending:
+            return "STARTTLS while requests are outstanding"
+        return None
+
+    def _startTLS(self, trailing):
+        """
+        The current input is processed: start TLS, unless octets followed
+        the STARTTLS (receiver) or the PROCEED (originator) in plaintext,
+        which are never taken as records (section 11.1).
+        """
+        connections, self._upgradeAfterRead = self._upgradeAfterRead, None
+        if trailing:
+            self.factory.count("tls-injections-refused")
+            self._refuse(
+                ErrorCode.BAD_SEQUENCE,
+                "plaintext after "
+                + ("STARTTLS_PROCEED" if self.originator else "STARTTLS")
+                + "; nothing may follow it before the TLS handshake",
+            )
+            return
+        if not self.originator:
+            self.transport.write(encodeRecord(StartTLSProceed(tag=self._upgradeTag)))
+        self._upgradeStarted = True
+        self.transport.startTLS(connections)
+
+    def handshakeCompleted(self):
+        """
+        The TLS handshake is done: check the peer's certificate (on a
+        connection this side opened), then start again inside TLS with the
+        preamble and HELLO.
+        """
+        if self.state is PeerState.CLOSED:
+            return
+        handle = self.transport.getHandle()
+        name = self.tlsServerName()
+        if name is not None and self.factory.tls.verifies(name):
+            problem = self.factory.tls.store.peerProblem(handle, name)
+            if problem is not None:
+                self.factory.count("tls-failures")
+                self._refuse(ErrorCode.TLS_FAILED, f"certificate of {name}: {problem}")
+                return
+        self.tlsActive = True
+        self.tlsDescription = describe(handle)
+        self.factory.count("tls-upgrades")
+        self.log.info(
+            "TLS with peer {peer} ({tls})", peer=self._peerName(), tls=self.tlsDescription
+        )
+        self.state = PeerState.AWAITING_HELLO
+        self.peerHello = None
+        self._decoder = FrameDecoder(self.settings.maxRecordSize)
+        self._greet()
+
+    def _restartHandshakeClock(self):
+        """
+        The upgrade begins: only the handshake clock runs, covering TLS and
+        the second HELLO.
+        """
+        self._stopTimers()
+        self._handshakeTimer = self.clock.callLater(
+            self.settings.handshakeTimeout, self._handshakeTimedOut
+        )
 
     def _handlePing(self, ping):
         """
@@ -363,6 +631,7 @@ class PeerProtocol(Protocol):
             code=error.code,
             text=error.text,
         )
+        self.closeReason = RemoteError(error)
         self.factory.count("errors-received")
 
     def _handleClose(self, close):
@@ -532,6 +801,7 @@ class PeerProtocol(Protocol):
             text=text,
         )
         self.factory.count("connections-refused")
+        self.closeReason = Refused(code, text)
         self.state = PeerState.CLOSED
         self.transport.write(encodeRecord(Error(tag=tag, code=code, text=errorText(text))))
         self.transport.loseConnection()
@@ -629,6 +899,7 @@ class PeerProtocol(Protocol):
 
 _OPEN_TABLE = {
     Hello: PeerProtocol._handleSecondHello,
+    StartTLS: PeerProtocol._handleStartTLS,
     Ping: PeerProtocol._handlePing,
     Pong: PeerProtocol._handleResponse,
     Ack: PeerProtocol._handleAck,
@@ -668,14 +939,16 @@ class PeerFactory(Factory):
     protocol = PeerProtocol
     noisy = False
 
-    def __init__(self, clock, settings, originator=False, capabilities=()):
+    def __init__(self, clock, settings, originator=False, capabilities=(), tls=None):
         """
         @param clock: an L{IReactorTime} provider.
         @param settings: a L{PeerSettings}.
         @param originator: whether the connections built are outbound.
         @param capabilities: capability names announced in HELLO.
+        @param tls: the L{imxd.tls.TLSPolicy}, or L{None} for no TLS.
         """
         self.clock = clock
+        self.tls = tls
         self.settings = settings
         self.originator = originator
         self.capabilities = tuple(capabilities)

@@ -131,7 +131,7 @@ class OutboundPool:
 
     # -- connections ------------------------------------------------------
 
-    def connection(self, domain, trusted=False):
+    def connection(self, domain, trusted=False, localDomain=None):
         """
         An open connection dialled for C{domain}: one already open and
         usable, or a new one.
@@ -139,6 +139,8 @@ class OutboundPool:
         @param trusted: require a connection whose address came from this
             server's own discovery, never from a REDIRECT (for dial-back's
             Connection 2).
+        @param localDomain: the hosted domain that needs it: a new
+            connection presents its certificate in TLS.
         @return: a L{Deferred} firing with the
             L{imxd.federation.FederationProtocol} once its HELLO exchange is
             done, or failing with L{Refused}.
@@ -158,7 +160,7 @@ class OutboundPool:
                 return defer.fail(refusal)
             waiters = self._opening[key] = Waiters()
             waiting = waiters.wait()
-            self._open(domain, trusted).addBoth(self._opened, key)
+            self._open(domain, trusted, localDomain).addBoth(self._opened, key)
             return waiting
         return waiters.wait()
 
@@ -208,15 +210,18 @@ class OutboundPool:
                 self._connections.pop(domain, None)
 
     @defer.inlineCallbacks
-    def _open(self, domain, trusted):
+    def _open(self, domain, trusted, localDomain):
         """
-        Try each target of C{domain} in order until one completes HELLO.
+        Try each target of C{domain} in order until one completes HELLO
+        (and TLS, when it is used).
         """
         targets = yield self._targets(domain, followRedirect=not trusted)
         tried = []
         for target in targets:
             protocol = self.federation.buildOutbound(
-                domain, trusted=not isinstance(target, RedirectTarget)
+                domain,
+                trusted=not isinstance(target, RedirectTarget),
+                localDomain=localDomain,
             )
             try:
                 yield self._connect(target.host, target.port, protocol)
@@ -339,7 +344,7 @@ class OutboundPool:
         """
         remote = pair[1]
         for attempt in range(1, RESEND_ATTEMPTS + 1):
-            protocol = yield self.connection(remote)
+            protocol = yield self.connection(remote, localDomain=pair[0])
             try:
                 yield self._bounded(protocol.authenticatePair(pair), "dial-back", remote)
                 protocol.noteActivity()

@@ -79,6 +79,7 @@ def makeService(options: Options, reactor: Any = None) -> Aggregator:
     from imxd.federation import Federation
     from imxd.peer import PeerSettings
     from imxd.pool import tcpConnector
+    from imxd.tls import TLSError, TLSPolicy
 
     config = options.config
     server = config.server
@@ -97,15 +98,10 @@ def makeService(options: Options, reactor: Any = None) -> Aggregator:
     except DialbackError as e:
         raise SystemExit(f"imxd: {config.path}: server.dialback_secret_file: {e}")
 
-    for index, domain in enumerate(config.domains):
-        if domain.policy.tls == "required":
-            # Fail closed: plaintext peering must never stand in for a
-            # TLS requirement.
-            raise SystemExit(
-                f"imxd: {config.path}: domain[{index}].policy.tls: 'required' "
-                "cannot be honoured yet (TLS peering is not built); "
-                "use 'offered' or 'off'"
-            )
+    try:
+        tls = TLSPolicy.fromConfig(config)
+    except TLSError as e:
+        raise SystemExit(f"imxd: {config.path}: {e}")
     try:
         aggregator = Aggregator(config, dialbackSecret)
     except BackendError as e:
@@ -122,7 +118,9 @@ def makeService(options: Options, reactor: Any = None) -> Aggregator:
     discovery = Discovery(
         resolver,
         reactor,
-        overrides={p.domain: Target(p.host, p.port) for p in config.peers},
+        overrides={
+            p.domain: Target(p.host, p.port) for p in config.peers if p.host is not None
+        },
     )
     federation = Federation(
         reactor,
@@ -134,6 +132,7 @@ def makeService(options: Options, reactor: Any = None) -> Aggregator:
         tcpConnector(reactor, resolver, server.timeouts.connect),
         server.limits,
         dialbackTimeout=server.timeouts.dialback,
+        tls=tls,
     )
     aggregator.attachFederation(federation)
     for index, description in enumerate(server.listen):

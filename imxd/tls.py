@@ -18,8 +18,13 @@ from typing import Mapping, Optional
 from OpenSSL import SSL
 from service_identity import VerificationError
 from service_identity.pyopenssl import verify_hostname
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
+)
+from zope.interface import implementer
 
-__all__ = ["TLSError", "CertificateStore", "verifyReason"]
+__all__ = ["TLSError", "CertificateStore", "TLSPolicy", "verifyReason", "describe"]
 
 #: OpenSSL X509 verification error codes and the reasons operators read.
 _VERIFY_REASONS = {
@@ -112,6 +117,7 @@ class CertificateStore:
                 self._byPair[pair] = context
             self._byDomain[domain] = context
         self.domains = frozenset(self._byDomain)
+        self._anonymous: Optional[SSL.Context] = None
         self._failures: "weakref.WeakKeyDictionary[SSL.Connection, int]" = (
             weakref.WeakKeyDictionary()
         )
@@ -160,6 +166,28 @@ class CertificateStore:
         """
         return self._byDomain.get(domain)
 
+    def serverConnections(self, domain: Optional[str]) -> Optional["_Connections"]:
+        """
+        What C{transport.startTLS} needs to accept TLS on a connection
+        opened for C{domain} (L{None}: the peer named none, so the first
+        certificate serves unless SNI picks another).
+
+        @return: a connection creator, or L{None} when no certificate fits.
+        """
+        if domain is None:
+            context = next(iter(self._byPair.values()), None)
+        else:
+            context = self.serverContext(domain)
+        return None if context is None else _Connections(context)
+
+    def clientConnections(self, serverName: str, ownDomain: Optional[str] = None) -> "_Connections":
+        """
+        What C{transport.startTLS} needs to start TLS towards the peer
+        domain C{serverName} (sent as SNI), presenting C{ownDomain}'s
+        certificate when it has one.
+        """
+        return _Connections(self.clientContext(ownDomain), serverName)
+
     def clientContext(self, ownDomain: Optional[str] = None) -> SSL.Context:
         """
         The context for starting TLS towards a peer, presenting
@@ -168,9 +196,10 @@ class CertificateStore:
         context = self._byDomain.get(ownDomain) if ownDomain else None
         if context is not None:
             return context
-        context = _baseContext()
-        self._trust(context)
-        return context
+        if self._anonymous is None:
+            self._anonymous = _baseContext()
+            self._trust(self._anonymous)
+        return self._anonymous
 
     def peerProblem(self, connection: SSL.Connection, domain: str) -> Optional[str]:
         """
@@ -184,7 +213,7 @@ class CertificateStore:
             return None
         if connection.get_peer_certificate() is None:
             return "no certificate was presented"
-        code = self._failures.pop(connection, None)
+        code = self._failures.get(connection)
         if code is not None:
             return verifyReason(code)
         try:
@@ -193,3 +222,122 @@ class CertificateStore:
             return f"certificate is not valid for {domain}"
         return None
 
+
+
+@implementer(IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator)
+class _Connections:
+    """
+    Makes the pyOpenSSL connection for one TLS upgrade, from a shared
+    context, with SNI on the client side.
+    """
+
+    def __init__(self, context: SSL.Context, serverName: Optional[str] = None) -> None:
+        self._context = context
+        self._serverName = serverName
+
+    def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
+        connection = SSL.Connection(self._context, None)
+        if self._serverName:
+            connection.set_tlsext_host_name(self._serverName.encode("ascii"))
+        return connection
+
+    def serverConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
+        return SSL.Connection(self._context, None)
+
+
+def describe(connection: SSL.Connection) -> str:
+    """
+    @return: the protocol version and cipher of an established TLS
+        connection, e.g. C{"TLSv1.3 TLS_AES_256_GCM_SHA384"}, for logs and
+        status.
+    """
+    return f"{connection.get_protocol_version_name()} {connection.get_cipher_name()}"
+
+
+class TLSPolicy:
+    """
+    Whether TLS is used, required and checked, for each hosted domain and
+    peer (C{docs/operating.md}, "TLS"): a peer's C{[[peer]]} settings
+    override the hosted domain's C{policy.tls}, which defaults to
+    C{server.tls.policy}.
+
+    @ivar store: the L{CertificateStore}.
+    """
+
+    def __init__(self, store: CertificateStore, domainModes: Mapping[str, str],
+                 peers: Optional[Mapping[str, tuple]] = None, verify: bool = True) -> None:
+        """
+        @param store: the hosted domains' certificates and the CAs trusted.
+        @param domainModes: C{{hosted domain: "off" | "offered" | "required"}}.
+        @param peers: C{{remote domain: (mode or None, verify or None)}}.
+        @param verify: whether peers' certificates are checked, unless a
+            peer says otherwise.
+        """
+        self.store = store
+        self._domainModes = dict(domainModes)
+        self._peers = dict(peers or {})
+        self._verify = verify
+        self._inbound = _strictestCommon(self._domainModes.values())
+
+    @classmethod
+    def fromConfig(cls, config) -> "TLSPolicy":
+        """
+        Build the policy of a L{imxd.config.Config}.
+
+        @raise TLSError: a certificate, key or CA bundle cannot be used.
+        """
+        certificates = {
+            d.name: (d.certificate, d.key) for d in config.domains if d.certificate
+        }
+        tls = config.server.tls
+        return cls(
+            CertificateStore(certificates, tls.caFile),
+            {d.name: d.policy.tls for d in config.domains},
+            {p.domain: (p.tls, p.tlsVerify) for p in config.peers},
+            tls.verify,
+        )
+
+    def pairMode(self, hosted: str, remote: str) -> str:
+        """
+        @return: the TLS mode for traffic between C{hosted} and C{remote}.
+        """
+        mode = self._peers.get(remote, (None, None))[0]
+        return mode or self._domainModes.get(hosted, "offered")
+
+    def connectionMode(self, remote: Optional[str] = None) -> str:
+        """
+        The mode of a whole connection: for one opened to C{remote}, the
+        peer's setting if it has one; otherwise C{"required"} when every
+        hosted domain requires TLS, C{"off"} when none uses it, else
+        C{"offered"}.
+        """
+        if remote is not None:
+            mode = self._peers.get(remote, (None, None))[0]
+            if mode is not None:
+                return mode
+        return self._inbound
+
+    def offers(self) -> bool:
+        """
+        @return: whether peers connecting here are offered STARTTLS: some
+            hosted domain has a certificate and not every one has TLS off.
+        """
+        return bool(self.store.domains) and self._inbound != "off"
+
+    def verifies(self, remote: str) -> bool:
+        """
+        @return: whether C{remote}'s certificates are checked.
+        """
+        verify = self._peers.get(remote, (None, None))[1]
+        return self._verify if verify is None else verify
+
+
+def _strictestCommon(modes) -> str:
+    """
+    @return: C{"required"} if every mode is, C{"off"} if every mode is,
+        else C{"offered"}.
+    """
+    modes = set(modes)
+    if len(modes) == 1:
+        return modes.pop()
+    return "offered"

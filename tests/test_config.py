@@ -407,7 +407,7 @@ class InvalidConfigTests(ConfigTestsMixin, SynchronousTestCase):
         self.assertConfigError({"domain": [{"name": "a.test"}]}, "domain[0].backend", "missing")
         data = minimal()
         data["peer"] = [{"domain": "p.test"}]
-        self.assertConfigError(data, "peer[0].host", "missing")
+        self.assertConfigError(data, "peer[0]", "give host, tls or tls_verify")
 
     def test_duplicateDomain(self) -> None:
         """

@@ -335,28 +335,53 @@ class LocalBackendServiceTests(TapTestsMixin, SynchronousTestCase):
         self.assertNotIn("\n", error.args[0])
 
 
-class TLSRequiredTests(TapTestsMixin, SynchronousTestCase):
+class TLSStartTests(TapTestsMixin, SynchronousTestCase):
     """
-    Until TLS peering exists, a domain that requires it stops start-up
-    rather than peer in plaintext.
+    Certificates are loaded at start-up: a domain that requires TLS starts
+    with a usable certificate, and an unusable one stops start-up with one
+    line naming the file.
     """
 
-    def test_refused(self) -> None:
-        """
-        C{tls = "required"} stops start-up with one line naming the key.
-        """
-        for name in ("cert.pem", "key.pem"):
-            open(os.path.join(self.base, name), "w").close()
+    def addTLSDomain(self, certificate, key):
         with open(self.path, "a") as f:
             f.write(
                 '[[domain]]\nname = "gamma.test"\nbackend = "memory"\n'
-                'certificate = "cert.pem"\nkey = "key.pem"\n'
+                f'certificate = "{certificate}"\nkey = "{key}"\n'
                 '[domain.policy]\ntls = "required"\n'
             )
+
+    def test_required(self) -> None:
+        """
+        C{tls = "required"} with a certificate and key starts, and the
+        federation offers TLS for it.
+        """
+        import trustme
+
+        leaf = trustme.CA().issue_cert("gamma.test")
+        leaf.cert_chain_pems[0].write_to_path(os.path.join(self.base, "cert.pem"))
+        leaf.private_key_pem.write_to_path(os.path.join(self.base, "key.pem"))
+        self.addTLSDomain("cert.pem", "key.pem")
+        service = makeService(self.options(), MemoryReactorClock())
+        tls = service.federation.tls
+        self.assertEqual(tls.pairMode("gamma.test", "peer.test"), "required")
+        self.assertEqual(tls.store.domains, {"gamma.test"})
+        self.assertTrue(tls.offers())
+
+    def test_unusableCertificate(self) -> None:
+        """
+        A certificate file that is not PEM stops start-up with one line
+        naming the file.
+        """
+        for name in ("cert.pem", "key.pem"):
+            with open(os.path.join(self.base, name), "w") as f:
+                f.write("not PEM\n")
+        self.addTLSDomain("cert.pem", "key.pem")
         error = self.assertRaises(SystemExit, makeService, self.options(), MemoryReactorClock())
         self.assertEqual(
-            error.args[0].split(": ", 3)[:3], ["imxd", self.path, "domain[2].policy.tls"]
+            error.args[0].split(": ", 3)[:3],
+            ["imxd", self.path, os.path.join(self.base, "cert.pem")],
         )
+        self.assertNotIn("\n", error.args[0])
 
 
 class PluginTests(SynchronousTestCase):
