@@ -23,6 +23,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from imxd.address import AddressError, normaliseDomain
@@ -327,6 +328,8 @@ class PeerProtocol(Protocol):
         self._stopTimers()
         if self._closeTimer is not None and self._closeTimer.active():
             self._closeTimer.cancel()
+        if self.closeReason is not None:
+            reason = Failure(self.closeReason)
         pending, self._pending = self._pending, {}
         for deferred in pending.values():
             deferred.errback(reason)
@@ -565,6 +568,8 @@ class PeerProtocol(Protocol):
             problem = self.factory.tls.store.peerProblem(handle, name)
             if problem is not None:
                 self.factory.count("tls-failures")
+                # Inside TLS the connection starts again with the preamble.
+                self.transport.write(PREAMBLE)
                 self._refuse(ErrorCode.TLS_FAILED, f"certificate of {name}: {problem}")
                 return
         self.tlsActive = True

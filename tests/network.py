@@ -2,7 +2,9 @@
 An in-memory federation for unit tests: several imxd servers (each a real
 L{Federation} over a real L{Aggregator} with memory backends), a fake DNS
 and connections made of L{twisted.test.iosim} transports, all on one
-L{Clock}.  Nothing touches the network or the global reactor.
+L{Clock}.  Nothing touches the network or the global reactor.  The
+transports run real TLS (pyOpenSSL memory BIOs) when a protocol calls
+C{startTLS}, as the reactor's TCP transports do.
 """
 
 from __future__ import annotations
@@ -12,9 +14,12 @@ import itertools
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.interfaces import ISSLTransport
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.internet.task import Clock
 from twisted.names import dns, error
 from twisted.test import iosim
+from zope.interface import alsoProvides
 
 from imxd.aggregator import Aggregator
 from imxd.config import LimitsConfig, parseConfig
@@ -54,6 +59,72 @@ class FakeResolver:
         return defer.succeed((answers, [], []))
 
 
+class TLSTransport(iosim.FakeTransport):
+    """
+    An iosim transport whose C{startTLS} puts real TLS between the bytes
+    and the protocol, the way L{twisted.internet._newtls} does for TCP.
+    """
+
+    TLS = False
+
+    def __init__(self, protocol, isServer, hostAddress, peerAddress, clock):
+        super().__init__(protocol, isServer, hostAddress, peerAddress)
+        self.clock = clock
+
+    def startTLS(self, contextFactory, beNormal=True):
+        client = (not self.isServer) if beNormal else self.isServer
+        factory = TLSMemoryBIOFactory(contextFactory, client, None, clock=self.clock)
+        tlsProtocol = factory.protocol(factory, self.protocol, False)
+        self.protocol = tlsProtocol
+        self.getHandle = tlsProtocol.getHandle
+        self.getPeerCertificate = tlsProtocol.getPeerCertificate
+        alsoProvides(self, ISSLTransport)
+        self.TLS = True
+        tlsProtocol.makeConnection(_PlainSide(self))
+
+    def write(self, data):
+        if self.TLS:
+            self.protocol.write(data)
+        else:
+            super().write(data)
+
+    def loseConnection(self):
+        if self.TLS:
+            self.protocol.loseConnection()
+        else:
+            super().loseConnection()
+
+    def abortConnection(self):
+        if self.TLS:
+            self.protocol.abortConnection()
+        else:
+            super().abortConnection()
+
+
+class _PlainSide:
+    """
+    What the TLS layer writes to: the transport's own byte stream.
+    """
+
+    def __init__(self, transport):
+        self._transport = transport
+
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
+
+    def write(self, data):
+        iosim.FakeTransport.write(self._transport, data)
+
+    def writeSequence(self, data):
+        self.write(b"".join(data))
+
+    def loseConnection(self):
+        iosim.FakeTransport.loseConnection(self._transport)
+
+    def abortConnection(self):
+        iosim.FakeTransport.abortConnection(self._transport)
+
+
 class Network:
     """
     Servers by C{(host, port)}, joined by in-memory connections.
@@ -66,13 +137,16 @@ class Network:
         self.pumps = []
         self._ports = itertools.count(40000)
 
-    def server(self, host, domains, port=5275, secret=None, limits=None, **timeouts):
+    def server(
+        self, host, domains, port=5275, secret=None, limits=None, tls=None, **timeouts
+    ):
         """
         Start an imxd server at C{host:port} hosting C{domains} and publish
         C{_imx._tcp} SRV records for them.
 
         @param domains: domain names (memory backends), or whole
             C{[[domain]]} tables.
+        @param tls: an L{imxd.tls.TLSPolicy}, or L{None} for no TLS.
         @return: its L{Federation}.
         """
         tables = [d if isinstance(d, dict) else {"name": d, "backend": "memory"} for d in domains]
@@ -95,6 +169,7 @@ class Network:
             self.connector(host),
             limits or LimitsConfig(),
             dialbackTimeout=timeouts.get("dialback", 15.0),
+            tls=tls,
         )
         aggregator.attachFederation(federation)
         aggregator.startService()
@@ -144,9 +219,9 @@ class Network:
         """
         pump = iosim.connect(
             serverProtocol,
-            iosim.FakeTransport(serverProtocol, True, serverAddress, clientAddress),
+            TLSTransport(serverProtocol, True, serverAddress, clientAddress, self.clock),
             protocol,
-            iosim.FakeTransport(protocol, False, clientAddress, serverAddress),
+            TLSTransport(protocol, False, clientAddress, serverAddress, self.clock),
             greet=False,
             clock=self.clock,
         )

@@ -1,0 +1,566 @@
+"""
+Tests for STARTTLS on peer connections (C{docs/protocol.md} section 11):
+the upgrade and the second HELLO, the refusal of plaintext after STARTTLS,
+certificates chosen by SNI, the peer's certificate judged against its
+domain, client certificates in place of dial-back, and the TLS policy.
+
+The servers are in memory (L{tests.network}) and the TLS is real: pyOpenSSL
+over memory BIOs, with certificates made by trustme.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import trustme
+from twisted.trial.unittest import SynchronousTestCase
+
+from imxd.peer import PeerState, Refused
+from imxd.tls import CertificateStore, TLSPolicy
+from imxd.wire import ErrorCode, Ping, StartTLS, encodeRecord
+
+from tests.network import Network, Stranger, message
+
+
+class TLSNetworkMixin:
+    """
+    A network, a CA and a way to give servers certificates.
+    """
+
+    def setUp(self):
+        self.network = Network()
+        self.directory = self.mktemp()
+        os.makedirs(self.directory)
+        self.ca = trustme.CA()
+        self.caFile = self.write("ca.pem", self.ca.cert_pem)
+
+    def write(self, name, blob):
+        path = os.path.join(self.directory, name)
+        blob.write_to_path(path)
+        return path
+
+    def certificate(self, name, *domains, ca=None, **validity):
+        """
+        @return: C{(certificate path, key path)} of a leaf for C{domains}.
+        """
+        leaf = (ca or self.ca).issue_cert(*domains, **validity)
+        return (
+            self.write(f"{name}.pem", leaf.cert_chain_pems[0]),
+            self.write(f"{name}.key", leaf.private_key_pem),
+        )
+
+    def policy(self, certificates, modes, peers=None, verify=True):
+        """
+        @param certificates: C{{domain: (certificate, key)}}.
+        @param modes: C{{hosted domain: mode}}.
+        """
+        return TLSPolicy(CertificateStore(certificates, self.caFile), modes, peers, verify)
+
+    def send(self, federation, record, pair):
+        """
+        Send C{record} for C{pair} through C{federation}'s pool.
+
+        @return: the answer, or the failure's exception.
+        """
+        results = []
+        federation.pool.send(pair, record).addBoth(results.append)
+        self.network.flush()
+        self.assertEqual(len(results), 1, "no answer")
+        result = results[0]
+        return result.value if hasattr(result, "value") else result
+
+    def only(self, connections):
+        self.assertEqual(len(connections), 1)
+        return next(iter(connections))
+
+
+class UpgradeTests(TLSNetworkMixin, SynchronousTestCase):
+    """
+    Two servers that offer TLS upgrade, HELLO again, and exchange Data
+    inside TLS.
+    """
+
+    def test_upgradeAndHelloAgain(self):
+        """
+        The connection is upgraded before any pair is authenticated; both
+        sides send HELLO again inside TLS, announcing C{tls-cert-auth}; the
+        message is delivered.
+        """
+        alpha = self.network.server(
+            "10.0.0.1",
+            ["alpha.test"],
+            tls=self.policy({"alpha.test": self.certificate("a", "alpha.test")}, {"alpha.test": "offered"}),
+        )
+        beta = self.network.server(
+            "10.0.0.2",
+            ["beta.test"],
+            tls=self.policy({"beta.test": self.certificate("b", "beta.test")}, {"beta.test": "offered"}),
+        )
+        answer = self.send(
+            alpha, message("ann@alpha.test", "bob@beta.test"), ("alpha.test", "beta.test")
+        )
+        self.assertNotIsInstance(answer, Exception)
+        self.assertEqual(len(beta.aggregator.domain("beta.test").backend.messages), 1)
+        outbound = self.only(alpha.pool.connections("beta.test"))
+        inbound = self.only(beta._inbound())
+        for connection in (outbound, inbound):
+            self.assertTrue(connection.tlsActive)
+            self.assertTrue(connection.tlsDescription.startswith("TLSv1."))
+            self.assertIn("tls-cert-auth", connection.peerHello.capabilities)
+            self.assertNotIn("starttls", connection.peerHello.capabilities)
+        self.assertEqual(alpha.counters["handshakes"], 2)
+        self.assertEqual(beta.counters["handshakes"], 2)
+        # Alpha's certificate is valid for alpha.test: no dial-back.
+        self.assertEqual(beta.counters["pairs-certified"], 1)
+        self.assertEqual(beta.counters["dialbacks-started"], 0)
+
+    def test_dialbackInsideTLSWithoutClientCertificate(self):
+        """
+        An originator with no certificate of its own still upgrades (it only
+        checks the receiver's certificate); its pair is then authenticated
+        by dial-back, inside TLS.
+        """
+        alpha = self.network.server(
+            "10.0.0.1", ["alpha.test"], tls=self.policy({}, {"alpha.test": "offered"})
+        )
+        beta = self.network.server(
+            "10.0.0.2",
+            ["beta.test"],
+            tls=self.policy({"beta.test": self.certificate("b", "beta.test")}, {"beta.test": "offered"}),
+        )
+        answer = self.send(
+            alpha, message("ann@alpha.test", "bob@beta.test"), ("alpha.test", "beta.test")
+        )
+        self.assertNotIsInstance(answer, Exception)
+        inbound = [c for c in beta._inbound() if c.receivablePairs]
+        self.assertEqual(len(inbound), 1)
+        self.assertTrue(inbound[0].tlsActive)
+        self.assertEqual(beta.counters["pairs-certified"], 0)
+        self.assertEqual(beta.counters["dialbacks-started"], 1)
+        self.assertEqual(beta.counters["pairs-authenticated"], 1)
+
+    def test_clientCertificateForAnotherDomain(self):
+        """
+        A client certificate authenticates only the domains it is valid
+        for: on a connection opened for alpha.test, a pair from omega.test
+        (another hosted domain with a certificate of its own) is
+        authenticated by dial-back.
+        """
+        alpha = self.network.server(
+            "10.0.0.1",
+            ["alpha.test", "omega.test"],
+            tls=self.policy(
+                {
+                    "alpha.test": self.certificate("a", "alpha.test"),
+                    "omega.test": self.certificate("o", "omega.test"),
+                },
+                {"alpha.test": "offered", "omega.test": "offered"},
+            ),
+        )
+        beta = self.network.server(
+            "10.0.0.2",
+            ["beta.test"],
+            tls=self.policy({"beta.test": self.certificate("b", "beta.test")}, {"beta.test": "offered"}),
+        )
+        for sender in ("ann@alpha.test", "oz@omega.test"):
+            answer = self.send(
+                alpha,
+                message(sender, "bob@beta.test", messageId=sender),
+                (sender.split("@")[1], "beta.test"),
+            )
+            self.assertNotIsInstance(answer, Exception)
+        self.only(alpha.pool.connections("beta.test"))
+        self.assertEqual(beta.counters["pairs-certified"], 1)
+        self.assertEqual(beta.counters["dialbacks-started"], 1)
+        self.assertEqual(beta.counters["pairs-authenticated"], 1)
+
+    def test_sniSelectsEachDomainsCertificate(self):
+        """
+        A server hosting three domains, each with its own certificate,
+        presents the one of the domain dialled: the originator's check
+        against that domain passes for each, and the certificate it saw
+        names exactly that domain.
+        """
+        domains = ["beta.test", "gamma.test", "delta.test"]
+        certificates = {d: self.certificate(d, d) for d in domains}
+        alpha = self.network.server(
+            "10.0.0.1",
+            ["alpha.test"],
+            tls=self.policy(
+                {"alpha.test": self.certificate("a", "alpha.test")}, {"alpha.test": "required"}
+            ),
+        )
+        self.network.server(
+            "10.0.0.2",
+            domains,
+            tls=self.policy(certificates, {d: "required" for d in domains}),
+        )
+        for domain in domains:
+            answer = self.send(
+                alpha, message("ann@alpha.test", f"bob@{domain}"), ("alpha.test", domain)
+            )
+            self.assertNotIsInstance(answer, Exception)
+            connection = self.only(alpha.pool.connections(domain))
+            self.assertTrue(connection.tlsActive)
+            seen = connection.transport.getHandle().get_peer_certificate().to_cryptography()
+            names = seen.extensions.get_extension_for_class(
+                __import__("cryptography.x509", fromlist=["x"]).SubjectAlternativeName
+            ).value.get_values_for_type(__import__("cryptography.x509", fromlist=["x"]).DNSName)
+            self.assertEqual(names, [domain])
+
+    def test_oneCertificateForSeveralDomains(self):
+        """
+        One certificate whose SAN names two hosted domains serves both.
+        """
+        shared = self.certificate("shared", "beta.test", "gamma.test")
+        alpha = self.network.server(
+            "10.0.0.1",
+            ["alpha.test"],
+            tls=self.policy(
+                {"alpha.test": self.certificate("a", "alpha.test")}, {"alpha.test": "required"}
+            ),
+        )
+        self.network.server(
+            "10.0.0.2",
+            ["beta.test", "gamma.test"],
+            tls=self.policy(
+                {"beta.test": shared, "gamma.test": shared},
+                {"beta.test": "required", "gamma.test": "required"},
+            ),
+        )
+        for domain in ("beta.test", "gamma.test"):
+            answer = self.send(
+                alpha, message("ann@alpha.test", f"bob@{domain}"), ("alpha.test", domain)
+            )
+            self.assertNotIsInstance(answer, Exception)
+
+
+class VerificationTests(TLSNetworkMixin, SynchronousTestCase):
+    """
+    The originator judges the receiver's certificate against the domain it
+    dialled; each failure is refused with ERROR tls-failed naming why, and
+    the send fails with that reason.
+    """
+
+    def refusal(self, betaCertificate, peers=None, verify=True):
+        """
+        Send from alpha to beta, whose certificate is C{betaCertificate}.
+
+        @return: the send's failure, or its answer.
+        """
+        self.alpha = self.network.server(
+            "10.0.0.1",
+            ["alpha.test"],
+            tls=self.policy({}, {"alpha.test": "offered"}, peers, verify),
+        )
+        self.beta = self.network.server(
+            "10.0.0.2",
+            ["beta.test"],
+            tls=self.policy({"beta.test": betaCertificate}, {"beta.test": "offered"}),
+        )
+        return self.send(
+            self.alpha, message("ann@alpha.test", "bob@beta.test"), ("alpha.test", "beta.test")
+        )
+
+    def assertRefusedFor(self, failure, reason):
+        self.assertIsInstance(failure, Refused)
+        self.assertIn(f"531 tls-failed: certificate of beta.test: {reason}", failure.text)
+        self.assertEqual(self.beta.aggregator.domain("beta.test").backend.messages, [])
+        self.assertGreaterEqual(self.alpha.counters["tls-failures"], 1)
+        # Beta heard why, in an ERROR inside TLS.
+        self.assertGreaterEqual(self.beta.counters["errors-received"], 1)
+
+    def test_wrongDomain(self):
+        self.assertRefusedFor(
+            self.refusal(self.certificate("b", "other.test")),
+            "certificate is not valid for beta.test",
+        )
+
+    def test_expired(self):
+        past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=1)
+        self.assertRefusedFor(
+            self.refusal(self.certificate("b", "beta.test", not_after=past)),
+            "certificate has expired",
+        )
+
+    def test_unknownIssuer(self):
+        self.assertRefusedFor(
+            self.refusal(self.certificate("b", "beta.test", ca=trustme.CA())),
+            "certificate issuer is unknown",
+        )
+
+    def test_selfSigned(self):
+        lonely = trustme.CA()
+        pair = (
+            self.write("self.pem", lonely.cert_pem),
+            self.write("self.key", lonely.private_key_pem),
+        )
+        self.assertRefusedFor(self.refusal(pair), "certificate is self-signed")
+
+    def test_verificationOffForOnePeer(self):
+        """
+        With C{tls_verify = false} for beta, its bad certificate is
+        accepted: the connection is encrypted and the pair is
+        authenticated by dial-back.
+        """
+        answer = self.refusal(
+            self.certificate("b", "other.test"), peers={"beta.test": (None, False)}
+        )
+        self.assertNotIsInstance(answer, Exception)
+        self.assertTrue(self.only(self.alpha.pool.connections("beta.test")).tlsActive)
+        self.assertEqual(self.beta.counters["pairs-authenticated"], 1)
+
+    def test_verificationOffServerWide(self):
+        """
+        With verification off for the server, a self-signed certificate is
+        accepted.
+        """
+        lonely = trustme.CA()
+        pair = (
+            self.write("self.pem", lonely.cert_pem),
+            self.write("self.key", lonely.private_key_pem),
+        )
+        self.assertNotIsInstance(self.refusal(pair, verify=False), Exception)
+
+
+class Injector(Stranger):
+    """
+    A receiving peer that answers STARTTLS with PROCEED followed at once by
+    a plaintext PING: what an attacker on the path would inject.
+    """
+
+    def _handleStartTLS(self, record):
+        from imxd.wire import StartTLSProceed
+
+        self.transport.write(
+            encodeRecord(StartTLSProceed(tag=record.tag)) + encodeRecord(Ping(tag=77))
+        )
+
+
+Injector.stateTables = {
+    state: dict(table) for state, table in Stranger.stateTables.items()
+}
+Injector.stateTables[PeerState.OPEN][StartTLS] = Injector._handleStartTLS
+
+
+class InjectionTests(TLSNetworkMixin, SynchronousTestCase):
+    """
+    Octets that follow STARTTLS (or STARTTLS_PROCEED) in plaintext are never
+    taken as records: the connection is refused.
+    """
+
+    def test_plaintextAfterStartTLS(self):
+        """
+        A peer that writes STARTTLS and a PING in one go gets ERROR
+        bad-sequence and the connection is closed; the PING is not
+        answered and TLS never starts.
+        """
+        from imxd.peer import PeerFactory, PeerSettings
+
+        beta = self.network.server(
+            "10.0.0.2",
+            ["beta.test"],
+            tls=self.policy({"beta.test": self.certificate("b", "beta.test")}, {"beta.test": "offered"}),
+        )
+        stranger = Stranger(
+            PeerFactory(self.network.clock, PeerSettings(), capabilities=("starttls",))
+        )
+        self.network.connect(beta, stranger, "10.6.6.6", "10.0.0.2", 5275)
+        self.network.flush()
+        self.assertIn("starttls", stranger.peerHello.capabilities)
+        stranger.transport.write(encodeRecord(StartTLS(tag=1)) + encodeRecord(Ping(tag=2)))
+        self.network.flush()
+        self.assertIs(stranger.state, PeerState.CLOSED)
+        codes = [(r.tag, getattr(r, "code", None), type(r).__name__) for r in stranger.received[1:]]
+        self.assertEqual(codes, [(0, ErrorCode.BAD_SEQUENCE, "Error")])
+        self.assertIn("plaintext after STARTTLS", stranger.received[-1].text)
+        self.assertEqual(beta.counters["tls-injections-refused"], 1)
+        self.assertEqual(beta.counters["tls-upgrades"], 0)
+
+    def test_plaintextAfterProceed(self):
+        """
+        An originator that finds a record after STARTTLS_PROCEED in the
+        same read refuses the connection rather than take it.
+        """
+        from imxd.peer import PeerFactory, PeerSettings
+
+        alpha = self.network.server(
+            "10.0.0.1", ["alpha.test"], tls=self.policy({}, {"alpha.test": "offered"})
+        )
+        factory = PeerFactory(self.network.clock, PeerSettings(), capabilities=("starttls",))
+        factory.protocol = Injector
+        factory.buildProtocol = lambda addr: Injector(factory)
+        self.network.servers[("10.0.0.2", 5275)] = factory
+        self.network.publish("beta.test", (0, 0, 5275, "imx.10.0.0.2"))
+        failure = self.send(
+            alpha, message("ann@alpha.test", "bob@beta.test"), ("alpha.test", "beta.test")
+        )
+        self.assertIsInstance(failure, Refused)
+        self.assertIn("plaintext after STARTTLS_PROCEED", failure.text)
+        self.assertEqual(alpha.counters["tls-injections-refused"], 1)
+        self.assertEqual(alpha.counters["tls-upgrades"], 0)
+
+
+class PolicyTests(TLSNetworkMixin, SynchronousTestCase):
+    """
+    TLS off, offered and required, server-wide, per hosted domain and per
+    peer.
+    """
+
+    def servers(self, alphaTLS, betaTLS):
+        self.alpha = self.network.server("10.0.0.1", ["alpha.test"], tls=alphaTLS)
+        self.beta = self.network.server("10.0.0.2", ["beta.test"], tls=betaTLS)
+
+    def betaOffering(self, mode="offered"):
+        return self.policy({"beta.test": self.certificate("b", "beta.test")}, {"beta.test": mode})
+
+    def sendAlphaToBeta(self):
+        return self.send(
+            self.alpha, message("ann@alpha.test", "bob@beta.test"), ("alpha.test", "beta.test")
+        )
+
+    def test_offeredFallsBackToPlaintext(self):
+        """
+        An originator that offers TLS talks plaintext to a peer without it.
+        """
+        self.servers(self.policy({}, {"alpha.test": "offered"}), None)
+        self.assertNotIsInstance(self.sendAlphaToBeta(), Exception)
+        self.assertFalse(self.only(self.alpha.pool.connections("beta.test")).tlsActive)
+
+    def test_offTalksPlaintext(self):
+        """
+        With TLS off the originator does not ask for STARTTLS even when the
+        peer offers it.
+        """
+        self.servers(self.policy({}, {"alpha.test": "off"}), self.betaOffering())
+        self.assertNotIsInstance(self.sendAlphaToBeta(), Exception)
+        self.assertFalse(self.only(self.alpha.pool.connections("beta.test")).tlsActive)
+        self.assertEqual(self.beta.counters["tls-upgrades"], 0)
+
+    def test_originatorRequiresPeerWithout(self):
+        """
+        An originator that requires TLS refuses a peer that does not offer
+        STARTTLS with ERROR tls-required, and the send fails saying so.
+        """
+        self.servers(self.policy({}, {"alpha.test": "required"}), None)
+        failure = self.sendAlphaToBeta()
+        self.assertIsInstance(failure, Refused)
+        self.assertIn("530 tls-required", failure.text)
+        self.assertIn("does not offer STARTTLS", failure.text)
+        self.assertEqual(self.beta.aggregator.domain("beta.test").backend.messages, [])
+        self.assertEqual(self.beta.counters["errors-received"], 1)
+
+    def test_receiverRequiresPeerWithout(self):
+        """
+        A receiver whose every domain requires TLS refuses, after HELLO, a
+        peer that does not offer STARTTLS.
+        """
+        self.servers(None, self.betaOffering("required"))
+        failure = self.sendAlphaToBeta()
+        self.assertIsInstance(failure, Refused)
+        self.assertEqual(failure.code, ErrorCode.TLS_REQUIRED)
+        self.assertIn("does not offer STARTTLS", failure.text)
+        self.assertEqual(self.beta.counters["connections-refused"], 1)
+
+    def test_peerOverrideRequires(self):
+        """
+        A C{[[peer]]} override to C{required} holds even when the hosted
+        domain only offers TLS.
+        """
+        self.servers(
+            self.policy({}, {"alpha.test": "offered"}, peers={"beta.test": ("required", None)}),
+            None,
+        )
+        failure = self.sendAlphaToBeta()
+        self.assertIsInstance(failure, Refused)
+        self.assertIn("530 tls-required", failure.text)
+
+    def test_peerOverrideOff(self):
+        """
+        A C{[[peer]]} override to C{off} talks plaintext to that peer even
+        though the hosted domain requires TLS.
+        """
+        self.servers(
+            self.policy(
+                {"alpha.test": self.certificate("a", "alpha.test")},
+                {"alpha.test": "required"},
+                peers={"beta.test": ("off", None)},
+            ),
+            self.betaOffering(),
+        )
+        self.assertNotIsInstance(self.sendAlphaToBeta(), Exception)
+        self.assertFalse(self.only(self.alpha.pool.connections("beta.test")).tlsActive)
+
+    def test_oneHostedDomainRequires(self):
+        """
+        On a server where one hosted domain requires TLS and another only
+        offers it, a plaintext connection carries the second's pairs and
+        refuses the first's with tls-required.
+        """
+        alphaTLS = self.policy(
+            {"alpha.test": self.certificate("a", "alpha.test")},
+            {"alpha.test": "required", "omega.test": "offered"},
+        )
+        self.alpha = self.network.server("10.0.0.1", ["alpha.test", "omega.test"], tls=alphaTLS)
+        self.beta = self.network.server("10.0.0.2", ["beta.test"], tls=None)
+        self.assertNotIsInstance(
+            self.send(
+                self.alpha, message("oz@omega.test", "bob@beta.test"), ("omega.test", "beta.test")
+            ),
+            Exception,
+        )
+        failure = self.sendAlphaToBeta()
+        self.assertIsInstance(failure, Refused)
+        self.assertEqual(failure.code, ErrorCode.TLS_REQUIRED)
+        self.assertIn("alpha.test requires TLS with beta.test", failure.text)
+
+    def test_plaintextDialbackRefusedForRequiringDomain(self):
+        """
+        A DIALBACK_KEY on a plaintext connection for a hosted domain that
+        requires TLS is refused with tls-required (the connection stays).
+        """
+        from imxd.peer import PeerFactory, PeerSettings, RemoteError
+        from imxd.wire import DialbackKey
+
+        betaTLS = self.policy(
+            {"beta.test": self.certificate("b", "beta.test")},
+            {"beta.test": "required", "omega.test": "offered"},
+        )
+        beta = self.network.server("10.0.0.2", ["beta.test", "omega.test"], tls=betaTLS)
+        stranger = Stranger(PeerFactory(self.network.clock, PeerSettings()))
+        self.network.connect(beta, stranger, "10.6.6.6", "10.0.0.2", 5275)
+        self.network.flush()
+        answer = self.network.answer(
+            stranger, DialbackKey(fromDomain="x.test", toDomain="beta.test", token=b"t" * 16)
+        )
+        self.assertIsInstance(answer, RemoteError)
+        self.assertEqual(answer.code, ErrorCode.TLS_REQUIRED)
+        self.assertIs(stranger.state, PeerState.OPEN)
+
+    def test_startTLSNotOffered(self):
+        """
+        STARTTLS sent to a server that offers no TLS is answered with
+        tls-failed, and the connection goes on in plaintext.
+        """
+        from imxd.peer import PeerFactory, PeerSettings, RemoteError
+
+        beta = self.network.server("10.0.0.2", ["beta.test"], tls=None)
+        stranger = Stranger(PeerFactory(self.network.clock, PeerSettings()))
+        self.network.connect(beta, stranger, "10.6.6.6", "10.0.0.2", 5275)
+        self.network.flush()
+        answer = self.network.answer(stranger, StartTLS())
+        self.assertIsInstance(answer, RemoteError)
+        self.assertEqual(answer.code, ErrorCode.TLS_FAILED)
+        self.assertIs(stranger.state, PeerState.OPEN)
+
+    def test_startTLSAfterDialbackRefused(self):
+        """
+        STARTTLS after a pair is authenticated in plaintext is refused:
+        nothing authenticated before the upgrade may carry into TLS.
+        """
+        self.servers(None, self.betaOffering())
+        self.assertNotIsInstance(self.sendAlphaToBeta(), Exception)
+        [inbound] = [c for c in self.beta._inbound() if c.receivablePairs]
+        self.assertIsNotNone(inbound.upgradeRefusal())
+        self.assertIn("dial-back", inbound.upgradeRefusal())
