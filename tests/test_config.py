@@ -15,6 +15,7 @@ from imxd.config import (
     DomainConfig,
     LimitsConfig,
     PeerConfig,
+    TLSConfig,
     PolicyConfig,
     ServerConfig,
     TimeoutsConfig,
@@ -256,6 +257,47 @@ class ValidConfigTests(ConfigTestsMixin, SynchronousTestCase):
         )
 
 
+class TLSConfigTests(ConfigTestsMixin, SynchronousTestCase):
+    """
+    C{[server.tls]}, the domains' C{policy.tls} and the peers' overrides.
+    """
+
+    def test_defaults(self) -> None:
+        """
+        Without TLS settings, TLS is offered, certificates are verified
+        against the system's CAs, and domains and peers follow the server.
+        """
+        data = minimal()
+        data["peer"] = [{"domain": "p.test", "host": "127.0.0.5"}]
+        config = self.parse(data)
+        self.assertEqual(config.server.tls, TLSConfig("offered", True, None))
+        self.assertEqual(config.domains[0].policy.tls, "offered")
+        self.assertEqual((config.peers[0].tls, config.peers[0].tlsVerify), (None, None))
+
+    def test_serverPolicyIsTheDomainsDefault(self) -> None:
+        """
+        A domain that leaves C{policy.tls} out takes C{server.tls.policy};
+        one that sets it keeps its own.
+        """
+        self.write("", "ca.pem")
+        data = minimal(tls={"policy": "off", "verify": False, "ca_file": "ca.pem"})
+        data["domain"].append({"name": "beta.test", "backend": "memory", "policy": {"tls": "offered"}})
+        config = self.parse(data)
+        self.assertEqual(config.server.tls, TLSConfig("off", False, os.path.join(self.base, "ca.pem")))
+        self.assertEqual([d.policy.tls for d in config.domains], ["off", "offered"])
+
+    def test_peerOverridesWithoutAddress(self) -> None:
+        """
+        A C{[[peer]]} may set only TLS overrides and leave the address to
+        discovery.
+        """
+        data = minimal()
+        data["peer"] = [{"domain": "P.test", "tls": "required", "tls_verify": False}]
+        self.assertEqual(
+            self.parse(data).peers, (PeerConfig("p.test", None, 5275, "required", False),)
+        )
+
+
 class InvalidConfigTests(ConfigTestsMixin, SynchronousTestCase):
     """
     Every class of mistake gives a L{ConfigError} naming the file, the
@@ -458,6 +500,33 @@ class InvalidConfigTests(ConfigTestsMixin, SynchronousTestCase):
         data = minimal()
         data["domain"][0]["policy"] = {"tls": "required"}
         self.assertConfigError(data, "domain[0].policy.tls", "certificate")
+
+    def test_serverTLSRequiredNeedsCertificates(self) -> None:
+        """
+        C{server.tls.policy = "required"} holds for every domain that does
+        not say otherwise, so each of those needs a certificate; the error
+        names the server key and the domain.
+        """
+        self.assertConfigError(
+            minimal(tls={"policy": "required"}), "server.tls.policy", "alpha.test"
+        )
+        data = minimal(tls={"policy": "required"})
+        data["domain"][0]["policy"] = {"tls": "offered"}
+        self.assertEqual(self.parse(data).domains[0].policy.tls, "offered")
+
+    def test_badTLSSettings(self) -> None:
+        """
+        TLS settings of the wrong kind are refused at their key.
+        """
+        self.assertConfigError(minimal(tls={"policy": "always"}), "server.tls.policy", "'always'")
+        self.assertConfigError(minimal(tls={"verify": "yes"}), "server.tls.verify", "true or false")
+        self.assertConfigError(minimal(tls={"ca_file": "none.pem"}), "server.tls.ca_file", "not found")
+        self.assertConfigError(minimal(tls={"colour": 1}), "server.tls.colour", "unknown key")
+        data = minimal()
+        data["peer"] = [{"domain": "p.test", "tls": "sometimes"}]
+        self.assertConfigError(data, "peer[0].tls", "'sometimes'")
+        data["peer"] = [{"domain": "p.test", "tls_verify": 0}]
+        self.assertConfigError(data, "peer[0].tls_verify", "true or false")
 
     def test_badEndpoint(self) -> None:
         """

@@ -564,3 +564,58 @@ class PolicyTests(TLSNetworkMixin, SynchronousTestCase):
         [inbound] = [c for c in self.beta._inbound() if c.receivablePairs]
         self.assertIsNotNone(inbound.upgradeRefusal())
         self.assertIn("dial-back", inbound.upgradeRefusal())
+
+
+class HandshakeFailureTests(TLSNetworkMixin, SynchronousTestCase):
+    """
+    An upgrade that does not finish: the connection is closed, counted and
+    logged, never left half open.
+    """
+
+    def upgradedStranger(self):
+        """
+        @return: C{(beta, stranger)}: a raw peer that has sent STARTTLS to
+            beta and received PROCEED, but has not started TLS.
+        """
+        from imxd.peer import PeerFactory, PeerSettings
+        from imxd.wire import StartTLSProceed
+
+        beta = self.network.server(
+            "10.0.0.2",
+            ["beta.test"],
+            tls=self.policy({"beta.test": self.certificate("b", "beta.test")}, {"beta.test": "offered"}),
+        )
+        stranger = Stranger(
+            PeerFactory(self.network.clock, PeerSettings(), capabilities=("starttls",))
+        )
+        stranger._proceed = lambda answer: None
+        self.network.connect(beta, stranger, "10.6.6.6", "10.0.0.2", 5275)
+        self.network.flush()
+        stranger.transport.write(encodeRecord(StartTLS(tag=1)))
+        self.network.flush()
+        self.assertIsInstance(stranger.received[-1], StartTLSProceed)
+        return beta, stranger
+
+    def test_garbageInsteadOfTLS(self):
+        """
+        Octets that are not TLS after PROCEED fail the handshake: the
+        connection closes and the failure is counted.
+        """
+        beta, stranger = self.upgradedStranger()
+        stranger.transport.write(b"\x16\x03\x01\x00\x05hello, not a TLS record")
+        self.network.flush()
+        self.assertEqual(beta.connections, set())
+        self.assertEqual(beta.counters["tls-failures"], 1)
+        self.assertEqual(beta.counters["tls-upgrades"], 0)
+
+    def test_silentAfterProceed(self):
+        """
+        A peer that never starts TLS after PROCEED is dropped after the
+        handshake timeout.
+        """
+        beta, stranger = self.upgradedStranger()
+        self.network.advance(9)
+        self.assertEqual(len(beta.connections), 1)
+        self.network.advance(2)
+        self.network.advance(6)
+        self.assertEqual(beta.connections, set())
