@@ -277,7 +277,12 @@ class TLSPolicy:
         self._domainModes = dict(domainModes)
         self._peers = dict(peers or {})
         self._verify = verify
-        self._inbound = _strictestCommon(self._domainModes.values())
+        # A peer's own mode counts too: a server that requires TLS
+        # everywhere except with one peer cannot refuse plaintext peers
+        # before it knows who they are.
+        self._inbound = _strictestCommon(
+            [*self._domainModes.values(), *(m for m, _ in self._peers.values() if m)]
+        )
 
     @classmethod
     def fromConfig(cls, config) -> "TLSPolicy":
@@ -308,8 +313,8 @@ class TLSPolicy:
         """
         The mode of a whole connection: for one opened to C{remote}, the
         peer's setting if it has one; otherwise C{"required"} when every
-        hosted domain requires TLS, C{"off"} when none uses it, else
-        C{"offered"}.
+        hosted domain and every peer setting requires TLS, C{"off"} when
+        none uses it, else C{"offered"}.
         """
         if remote is not None:
             mode = self._peers.get(remote, (None, None))[0]

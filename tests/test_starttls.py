@@ -492,6 +492,29 @@ class PolicyTests(TLSNetworkMixin, SynchronousTestCase):
         self.assertNotIsInstance(self.sendAlphaToBeta(), Exception)
         self.assertFalse(self.only(self.alpha.pool.connections("beta.test")).tlsActive)
 
+    def test_peerOverrideOffAccepted(self):
+        """
+        A server that requires TLS for every hosted domain but has TLS off
+        for one peer accepts that peer's plaintext connection and its
+        traffic, while other plaintext peers are refused after HELLO.
+        """
+        self.servers(
+            None,
+            self.policy(
+                {"beta.test": self.certificate("b", "beta.test")},
+                {"beta.test": "required"},
+                peers={"alpha.test": ("off", None)},
+            ),
+        )
+        self.assertNotIsInstance(self.sendAlphaToBeta(), Exception)
+        omega = self.network.server("10.0.0.3", ["omega.test"], tls=None)
+        failure = self.send(
+            omega, message("oz@omega.test", "bob@beta.test"), ("omega.test", "beta.test")
+        )
+        self.assertIsInstance(failure, Refused)
+        self.assertEqual(failure.code, ErrorCode.TLS_REQUIRED)
+        self.assertIn("beta.test requires TLS with omega.test", failure.text)
+
     def test_oneHostedDomainRequires(self):
         """
         On a server where one hosted domain requires TLS and another only
