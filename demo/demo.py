@@ -3,7 +3,9 @@
 two people using them with the `imx` tool.
 
 alpha.test runs on 127.0.0.41 and beta.test on 127.0.0.42; they find each
-other through `[[peer]]` entries (private peering, no DNS needed).  alice of
+other through `[[peer]]` entries (private peering, no DNS needed) and
+require TLS between them, with certificates from a private CA made for the
+demo (trustme).  alice of
 alpha.test subscribes to bob of beta.test, bob grants it, bob's presence
 change reaches alice, and they exchange messages both ways (plain text and
 html-lite).  Each step is printed.  The script exits 0 on success, 1 with
@@ -73,12 +75,19 @@ class Service:
         self.config = os.path.join(self.directory, "imxd.toml")
         self.process = None
 
-    def write(self, peer):
+    def write(self, peer, ca):
+        leaf = ca.issue_cert(self.domain)
+        leaf.cert_chain_pems[0].write_to_path(os.path.join(self.directory, "cert.pem"))
+        leaf.private_key_pem.write_to_path(os.path.join(self.directory, "key.pem"))
+        ca.cert_pem.write_to_path(os.path.join(self.directory, "ca.pem"))
         with open(self.config, "w") as f:
             f.write(
                 "[server]\n"
                 'state_dir = "state"\n'
                 f'listen = ["tcp:port={self.port}:interface={self.host}"]\n'
+                "[server.tls]\n"
+                'policy = "required"\n'
+                'ca_file = "ca.pem"\n'
                 "[[peer]]\n"
                 f'domain = "{peer.domain}"\n'
                 f'host = "{peer.host}"\n'
@@ -88,6 +97,8 @@ class Service:
                 'backend = "local"\n'
                 f'backend_options = {{ database = "local.sqlite", '
                 f'listen = "tcp:{self.apiPort}:interface={self.host}" }}\n'
+                'certificate = "cert.pem"\n'
+                'key = "key.pem"\n'
             )
 
     @property
@@ -214,8 +225,11 @@ class Person:
 def demo(base):
     alpha = Service(base, "alpha.test", SERVICES["alpha.test"][0])
     beta = Service(base, "beta.test", SERVICES["beta.test"][0])
-    alpha.write(beta)
-    beta.write(alpha)
+    import trustme
+
+    ca = trustme.CA(organization_name="imxd demo CA")
+    alpha.write(beta, ca)
+    beta.write(alpha, ca)
     people = []
     try:
         step("Create one account on each service (imxctl user add)")
@@ -229,7 +243,7 @@ def demo(base):
             if result.returncode != 0:
                 raise DemoFailed("imxctl user add failed")
 
-        step(f"Start imxd for alpha.test on {alpha.host}:{alpha.port} and beta.test on {beta.host}:{beta.port}")
+        step(f"Start imxd for alpha.test on {alpha.host}:{alpha.port} and beta.test on {beta.host}:{beta.port} (TLS required)")
         for service in (alpha, beta):
             service.start()
         for service in (alpha, beta):
@@ -271,7 +285,17 @@ def demo(base):
         bob.imx("send", alice.address, "--html", "<p>Hi <b>Alice</b>!<script>alert(1)</script></p>")
         alice.expect("message", lambda d: d.get("body") == "<p>Hi <b>Alice</b>!</p>" and d.get("type") == "text/html-lite")
 
-        step("Done: subscription, grant, presence and messages both ways worked")
+        step("The servers talk over TLS (imxctl status)")
+        status = subprocess.run(
+            [os.path.join(BIN, "imxctl"), "-c", alpha.config, "status"],
+            capture_output=True, text=True, timeout=WAIT,
+        )
+        lines = [l for l in status.stdout.splitlines() if "tls" in l or "certified" in l]
+        show("\n".join(lines))
+        if not any(l.startswith("peer.beta.test.tls=TLSv1.") for l in lines):
+            raise DemoFailed("alpha's connection to beta.test should be encrypted")
+
+        step("Done: subscription, grant, presence and messages both ways worked, over TLS")
         return 0
     finally:
         for person in people:
