@@ -326,19 +326,25 @@ def _resolveTLSPolicies(values: dict, where: _Where) -> tuple:
     default = values["server"].tls.policy
     domains = []
     for i, domain in enumerate(values["domains"]):
+        here = where.child("domain").item(i).child("policy").child("tls")
         if domain.policy.tls is None:
+            here = where.child("server").child("tls").child("policy")
             domain = attrs.evolve(
                 domain, policy=attrs.evolve(domain.policy, tls=default)
             )
         if domain.policy.tls == "required" and not domain.certificate:
-            here = where.child("domain").item(i).child("policy").child("tls")
-            if values["server"].tls.policy == "required":
-                here = where.child("server").child("tls").child("policy")
             raise here.error(
                 f"'required' needs certificate and key for {domain.name}"
                 f" (domain[{i}])"
             )
         domains.append(domain)
+    if not any(domain.certificate for domain in domains):
+        for i, peer in enumerate(values["peers"]):
+            if peer.tls == "required":
+                raise where.child("peer").item(i).child("tls").error(
+                    "'required' needs a hosted domain with certificate and key,"
+                    " so that this peer can connect over TLS"
+                )
     return tuple(domains)
 
 

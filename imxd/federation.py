@@ -110,6 +110,8 @@ class FederationProtocol(PeerProtocol):
         self.redirectSent = False
         self.localDomain = localDomain
         self._certified = {}
+        self._dialbackSeen = False
+        self._firstToDomain = None
         self._sendablePairs = {}
         self._awaitingSecret = {}
         self._verifying = 0
@@ -157,7 +159,7 @@ class FederationProtocol(PeerProtocol):
         the domain dialled; for one a peer opened, the hosted domains'.
         """
         if self.originator and self.dialledDomains:
-            return self.factory.tls.connectionMode(min(self.dialledDomains))
+            return self.factory.tls.connectionMode(min(self.dialledDomains), self.localDomain)
         return self.factory.tls.connectionMode()
 
     def tlsServerName(self):
@@ -182,9 +184,15 @@ class FederationProtocol(PeerProtocol):
         here: nothing authenticated in plaintext may carry into TLS.
         """
         refusal = super().upgradeRefusal()
-        if refusal is None and (self.receivablePairs or self._awaitingSecret):
+        if refusal is None and self._dialbackSeen:
             refusal = "STARTTLS after dial-back has begun on this connection"
         return refusal
+
+    def beforeUpgrade(self):
+        """
+        ACKs gathered from the same input go out before STARTTLS_PROCEED.
+        """
+        self._flushAcks()
 
     def pairTLSRefusal(self, hosted, remote):
         """
@@ -232,6 +240,14 @@ class FederationProtocol(PeerProtocol):
         and release whoever waits for this connection to open.
         """
         toDomain = self.peerHello.toDomain
+        if not self.originator and not self.tlsActive:
+            self._firstToDomain = toDomain
+        elif not self.originator and toDomain != self._firstToDomain:
+            self._refuse(
+                ErrorCode.BAD_SEQUENCE,
+                f"HELLO inside TLS names {toDomain}, the first named {self._firstToDomain}",
+            )
+            return
         if toDomain is not None and not self.originator:
             if _canonical(toDomain) not in self.federation.hostedDomains():
                 self._refuse(
@@ -280,12 +296,13 @@ class FederationProtocol(PeerProtocol):
         if self._drainTimer is not None and self._drainTimer.active():
             self._drainTimer.cancel()
         super().connectionLost(reason)
-        if self.closeReason is not None:
-            reason = Failure(self.closeReason)
-        self._open.fire(reason)
+        # Whoever waits to open the connection hears why it was refused;
+        # whoever waits on a pair hears a temporary failure that says so.
+        self._open.fire(reason if self.closeReason is None else Failure(self.closeReason))
+        lost = self.lostFailure(reason)
         for waiters in self._sendablePairs.values():
             if isinstance(waiters, Waiters):
-                waiters.fire(reason)
+                waiters.fire(lost)
         self.federation.secrets.forgetConnection(self.connectionId)
 
     def dataReceived(self, data):
@@ -404,6 +421,7 @@ class FederationProtocol(PeerProtocol):
         The peer claims a domain: check the claim by dialling that domain
         through this server's own discovery (section 10.1).
         """
+        self._dialbackSeen = True
         try:
             if self.redirectSent:
                 raise Refused(ErrorCode.SHUTTING_DOWN, "this server is draining")
@@ -947,6 +965,11 @@ class Federation(PeerFactory):
         opened = self.pool.connection(origin, trusted=True, localDomain=receiving)
 
         def ask(connection):
+            # The secret travels on this connection: never in plaintext
+            # when the pair requires TLS.
+            refusal = connection.pairTLSRefusal(receiving, origin)
+            if refusal is not None:
+                raise refusal
             asked = connection.requestVerify(verify)
             asked.addBoth(self._lingerThenClose, connection)
             return asked
@@ -1016,7 +1039,7 @@ class Federation(PeerFactory):
         self.draining = (host, port)
         redirected = 0
         for protocol in self._inbound():
-            if protocol.state is PeerState.AWAITING_HELLO:
+            if protocol.state in (PeerState.AWAITING_HELLO, PeerState.UPGRADING):
                 refusal = self.admissionRefusal(protocol)
                 protocol._refuse(refusal.code, refusal.text)
             elif protocol.state is PeerState.OPEN and not protocol.redirectSent:

@@ -85,6 +85,7 @@ class PeerState(enum.Enum):
 
     AWAITING_HELLO = "awaiting-hello"
     OPEN = "open"
+    UPGRADING = "upgrading"
     CLOSING = "closing"
     CLOSED = "closed"
 
@@ -231,7 +232,9 @@ class PeerProtocol(Protocol):
         self.tlsDescription = None
         self.closeReason = None
         self._upgradeAfterRead = None
+        self._upgradeAsked = False
         self._upgradeStarted = False
+        self._tlsHandshakeDone = False
         self._upgradeTag = 0
 
     # -- life -------------------------------------------------------------
@@ -245,14 +248,13 @@ class PeerProtocol(Protocol):
             setNoDelay(True)
         self.factory.connectionOpened(self)
         self._greet()
+        self._restartHandshakeClock()
 
     def _greet(self):
         """
-        Write the preamble and HELLO and start the handshake clock: on
-        connect, and again inside TLS.
+        Write the preamble and HELLO: on connect, and again inside TLS.
         """
         self.transport.write(PREAMBLE + encodeRecord(self.helloRecord()))
-        self._restartHandshakeClock()
 
     def helloRecord(self):
         """
@@ -328,12 +330,24 @@ class PeerProtocol(Protocol):
         self._stopTimers()
         if self._closeTimer is not None and self._closeTimer.active():
             self._closeTimer.cancel()
-        if self.closeReason is not None:
-            reason = Failure(self.closeReason)
+        reason = self.lostFailure(reason)
         pending, self._pending = self._pending, {}
         for deferred in pending.values():
             deferred.errback(reason)
         self.factory.connectionClosed(self)
+
+    def lostFailure(self, reason):
+        """
+        What requests still waiting on a lost connection fail with: the
+        loss itself, or, when the connection was refused with an ERROR
+        (here or by the peer), a temporary refusal that quotes it: the
+        request may well succeed on another connection.
+        """
+        if self.closeReason is None:
+            return reason
+        return Failure(
+            Refused(ErrorCode.TEMPORARY_FAILURE, f"the connection closed: {self.closeReason}")
+        )
 
     def _startTimers(self):
         """
@@ -454,6 +468,7 @@ class PeerProtocol(Protocol):
         answer; the handshake clock covers TLS and the second HELLO.
         """
         self._restartHandshakeClock()
+        self.state = PeerState.UPGRADING
         self.request(StartTLS()).addCallbacks(self._proceed, self._startTLSRefused)
 
     def _proceed(self, answer):
@@ -486,6 +501,7 @@ class PeerProtocol(Protocol):
             peer=self._peerName(),
             why=failure.value.text,
         )
+        self.state = PeerState.OPEN
         self._startTimers()
         self.helloDone()
 
@@ -499,6 +515,7 @@ class PeerProtocol(Protocol):
         if refusal is not None:
             self._refuse(ErrorCode.BAD_SEQUENCE, refusal, record.tag)
             return
+        self._upgradeAsked = True
         tls = self.factory.tls
         if tls is None or not tls.offers():
             self.sendRecord(
@@ -518,6 +535,7 @@ class PeerProtocol(Protocol):
             )
             return
         self._restartHandshakeClock()
+        self.state = PeerState.UPGRADING
         self._upgradeTag = record.tag
         self._upgradeAfterRead = connections
 
@@ -529,6 +547,8 @@ class PeerProtocol(Protocol):
             return "STARTTLS is sent only by the side that opened the connection"
         if self.tlsActive or self._upgradeStarted:
             return "STARTTLS inside TLS"
+        if self._upgradeAsked:
+            return "a second STARTTLS"
         if self._pending:
             return "STARTTLS while requests are outstanding"
         return None
@@ -550,9 +570,23 @@ class PeerProtocol(Protocol):
             )
             return
         if not self.originator:
+            self.beforeUpgrade()
             self.transport.write(encodeRecord(StartTLSProceed(tag=self._upgradeTag)))
         self._upgradeStarted = True
         self.transport.startTLS(connections)
+
+    def beforeUpgrade(self):
+        """
+        Receiver: write what is owed in plaintext (e.g. gathered ACKs)
+        before STARTTLS_PROCEED, the last plaintext record.
+        """
+
+    def inTLSHandshake(self):
+        """
+        @return: whether TLS has started and its handshake is not done:
+            nothing can be written that the peer would read as IMX.
+        """
+        return self._upgradeStarted and not self._tlsHandshakeDone
 
     def handshakeCompleted(self):
         """
@@ -560,6 +594,7 @@ class PeerProtocol(Protocol):
         connection this side opened), then start again inside TLS with the
         preamble and HELLO.
         """
+        self._tlsHandshakeDone = True
         if self.state is PeerState.CLOSED:
             return
         handle = self.transport.getHandle()
@@ -636,7 +671,8 @@ class PeerProtocol(Protocol):
             code=error.code,
             text=error.text,
         )
-        self.closeReason = RemoteError(error)
+        if getattr(error, "fromDomain", None) is None and getattr(error, "toDomain", None) is None:
+            self.closeReason = RemoteError(error)
         self.factory.count("errors-received")
 
     def _handleClose(self, close):
@@ -651,11 +687,13 @@ class PeerProtocol(Protocol):
     def _handleUnexpected(self, record):
         """
         A record that this state does not take: before HELLO nothing but
-        HELLO is allowed.
+        HELLO is allowed, and while STARTTLS awaits its answer nothing but
+        that answer.
         """
+        when = "during the TLS upgrade" if self.state is PeerState.UPGRADING else "before HELLO"
         self._refuse(
             ErrorCode.BAD_SEQUENCE,
-            f"{type(record).__name__} before HELLO",
+            f"{type(record).__name__} {when}",
             record.tag,
         )
 
@@ -772,6 +810,11 @@ class PeerProtocol(Protocol):
         """
         if self.state in (PeerState.CLOSING, PeerState.CLOSED):
             return
+        if self.state is PeerState.UPGRADING:
+            # Mid-upgrade a CLOSE has no framing the peer would read.
+            self.state = PeerState.CLOSED
+            self.transport.abortConnection()
+            return
         self.state = PeerState.CLOSING
         self._writeClose(Close(text=text))
         self._closeTimer = self.clock.callLater(CLOSE_GRACE, self._abort)
@@ -808,6 +851,10 @@ class PeerProtocol(Protocol):
         self.factory.count("connections-refused")
         self.closeReason = Refused(code, text)
         self.state = PeerState.CLOSED
+        if self.inTLSHandshake():
+            # Nothing written now would reach the peer as IMX.
+            self.transport.abortConnection()
+            return
         self.transport.write(encodeRecord(Error(tag=tag, code=code, text=errorText(text))))
         self.transport.loseConnection()
         self._closeTimer = self.clock.callLater(CLOSE_GRACE, self._abort)
@@ -923,6 +970,12 @@ _STATE_TABLES = {
         None: PeerProtocol._handleUnexpected,
     },
     PeerState.OPEN: _OPEN_TABLE,
+    PeerState.UPGRADING: {
+        StartTLSProceed: PeerProtocol._handleResponse,
+        Error: PeerProtocol._handleError,
+        Close: PeerProtocol._handleClose,
+        None: PeerProtocol._handleUnexpected,
+    },
     PeerState.CLOSING: _OPEN_TABLE,
     PeerState.CLOSED: {None: lambda self, record: None},
 }

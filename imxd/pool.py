@@ -148,11 +148,15 @@ class OutboundPool:
         usable = [
             c
             for c in self._connections.get(domain, ())
-            if c.usable() and (c.trusted or not trusted)
+            if c.usable()
+            and (c.trusted or not trusted)
+            and (localDomain is None or c.pairTLSRefusal(localDomain, domain) is None)
         ]
         if usable:
             return defer.succeed(min(usable, key=lambda c: c.pendingRequests()))
-        key = (domain, trusted)
+        tls = self.federation.tls
+        mode = None if tls is None else tls.connectionMode(domain, localDomain)
+        key = (domain, trusted, mode)
         waiters = self._opening.get(key)
         if waiters is None:
             refusal = self._openingRefusal(domain)

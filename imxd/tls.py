@@ -16,7 +16,7 @@ import weakref
 from typing import Mapping, Optional
 
 from OpenSSL import SSL
-from service_identity import VerificationError
+from service_identity import CertificateError, VerificationError
 from service_identity.pyopenssl import verify_hostname
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
@@ -38,6 +38,10 @@ _VERIFY_REASONS = {
     23: "certificate has been revoked",
     26: "certificate is not for this purpose",
 }
+
+#: X509_V_ERR_INVALID_PURPOSE: the certificate's extended key usage does
+#: not cover the role it is presented in.
+_INVALID_PURPOSE = 26
 
 #: Ciphers for TLS 1.2 (TLS 1.3 suites are OpenSSL's defaults): forward
 #: secrecy and AEAD only.
@@ -121,6 +125,7 @@ class CertificateStore:
         self._failures: "weakref.WeakKeyDictionary[SSL.Connection, int]" = (
             weakref.WeakKeyDictionary()
         )
+        self._accepted: "weakref.WeakSet[SSL.Connection]" = weakref.WeakSet()
 
     def _serving(self, certificate: str, key: str) -> SSL.Context:
         context = _baseContext()
@@ -144,8 +149,13 @@ class CertificateStore:
         Note the first verification error and let the handshake go on, so
         that the refusal can say why.
         """
-        if not ok and connection not in self._failures:
-            self._failures[connection] = code
+        if ok or connection in self._failures:
+            return True
+        if code == _INVALID_PURPOSE and connection in self._accepted:
+            # A client certificate issued for servers only (serverAuth,
+            # as public CAs now issue them) still proves its domain here.
+            return True
+        self._failures[connection] = code
         return True
 
     def _selectBySNI(self, connection: SSL.Connection) -> None:
@@ -178,7 +188,7 @@ class CertificateStore:
             context = next(iter(self._byPair.values()), None)
         else:
             context = self.serverContext(domain)
-        return None if context is None else _Connections(context)
+        return None if context is None else _Connections(context, accepted=self._accepted)
 
     def clientConnections(self, serverName: str, ownDomain: Optional[str] = None) -> "_Connections":
         """
@@ -218,7 +228,9 @@ class CertificateStore:
             return verifyReason(code)
         try:
             verify_hostname(connection, domain)
-        except VerificationError:
+        except (VerificationError, CertificateError):
+            # CertificateError: no usable DNS-ID at all (no subjectAltName,
+            # or a malformed pattern).
             return f"certificate is not valid for {domain}"
         return None
 
@@ -231,9 +243,11 @@ class _Connections:
     context, with SNI on the client side.
     """
 
-    def __init__(self, context: SSL.Context, serverName: Optional[str] = None) -> None:
+    def __init__(self, context: SSL.Context, serverName: Optional[str] = None,
+                 accepted=None) -> None:
         self._context = context
         self._serverName = serverName
+        self._accepted = accepted
 
     def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
         connection = SSL.Connection(self._context, None)
@@ -242,7 +256,10 @@ class _Connections:
         return connection
 
     def serverConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
-        return SSL.Connection(self._context, None)
+        connection = SSL.Connection(self._context, None)
+        if self._accepted is not None:
+            self._accepted.add(connection)
+        return connection
 
 
 def describe(connection: SSL.Connection) -> str:
@@ -277,9 +294,10 @@ class TLSPolicy:
         self._domainModes = dict(domainModes)
         self._peers = dict(peers or {})
         self._verify = verify
-        # A peer's own mode counts too: a server that requires TLS
-        # everywhere except with one peer cannot refuse plaintext peers
-        # before it knows who they are.
+        self._outbound = _strictestCommon(self._domainModes.values())
+        # For connections peers open, a peer's own mode counts too: a
+        # server that requires TLS everywhere except with one peer cannot
+        # refuse plaintext peers before it knows who they are.
         self._inbound = _strictestCommon(
             [*self._domainModes.values(), *(m for m, _ in self._peers.values() if m)]
         )
@@ -309,18 +327,26 @@ class TLSPolicy:
         mode = self._peers.get(remote, (None, None))[0]
         return mode or self._domainModes.get(hosted, "offered")
 
-    def connectionMode(self, remote: Optional[str] = None) -> str:
+    def connectionMode(self, remote: Optional[str] = None, hosted: Optional[str] = None) -> str:
         """
-        The mode of a whole connection: for one opened to C{remote}, the
-        peer's setting if it has one; otherwise C{"required"} when every
-        hosted domain and every peer setting requires TLS, C{"off"} when
-        none uses it, else C{"offered"}.
+        The mode of a whole connection.
+
+        For one opened to C{remote} (for the hosted domain C{hosted}): the
+        peer's setting if it has one; C{"required"} if C{hosted} requires
+        TLS with it; otherwise C{"required"} when every hosted domain
+        requires TLS, C{"off"} when none uses it, else C{"offered"}.
+
+        For one a peer opened (C{remote} unknown): the same over the hosted
+        domains and every peer setting.
         """
-        if remote is not None:
-            mode = self._peers.get(remote, (None, None))[0]
-            if mode is not None:
-                return mode
-        return self._inbound
+        if remote is None:
+            return self._inbound
+        mode = self._peers.get(remote, (None, None))[0]
+        if mode is not None:
+            return mode
+        if hosted is not None and self.pairMode(hosted, remote) == "required":
+            return "required"
+        return self._outbound
 
     def offers(self) -> bool:
         """

@@ -292,9 +292,9 @@ class TLSConfigTests(ConfigTestsMixin, SynchronousTestCase):
         discovery.
         """
         data = minimal()
-        data["peer"] = [{"domain": "P.test", "tls": "required", "tls_verify": False}]
+        data["peer"] = [{"domain": "P.test", "tls": "off", "tls_verify": False}]
         self.assertEqual(
-            self.parse(data).peers, (PeerConfig("p.test", None, 5275, "required", False),)
+            self.parse(data).peers, (PeerConfig("p.test", None, 5275, "off", False),)
         )
 
 
@@ -513,6 +513,15 @@ class InvalidConfigTests(ConfigTestsMixin, SynchronousTestCase):
         data = minimal(tls={"policy": "required"})
         data["domain"][0]["policy"] = {"tls": "offered"}
         self.assertEqual(self.parse(data).domains[0].policy.tls, "offered")
+
+    def test_peerTLSRequiredNeedsACertificate(self) -> None:
+        """
+        A peer with C{tls = "required"} on a server with no certificate at
+        all could never connect to it over TLS: refused at its key.
+        """
+        data = minimal()
+        data["peer"] = [{"domain": "p.test", "tls": "required"}]
+        self.assertConfigError(data, "peer[0].tls", "certificate")
 
     def test_badTLSSettings(self) -> None:
         """

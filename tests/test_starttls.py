@@ -458,8 +458,10 @@ class PolicyTests(TLSNetworkMixin, SynchronousTestCase):
         """
         self.servers(None, self.betaOffering("required"))
         failure = self.sendAlphaToBeta()
+        # Temporary (the peer may enable TLS), quoting the refusal.
         self.assertIsInstance(failure, Refused)
-        self.assertEqual(failure.code, ErrorCode.TLS_REQUIRED)
+        self.assertTrue(failure.temporary)
+        self.assertIn("530 tls-required", failure.text)
         self.assertIn("does not offer STARTTLS", failure.text)
         self.assertEqual(self.beta.counters["connections-refused"], 1)
 
@@ -534,9 +536,14 @@ class PolicyTests(TLSNetworkMixin, SynchronousTestCase):
             Exception,
         )
         failure = self.sendAlphaToBeta()
+        # The plaintext connection omega's message used is not reused for
+        # alpha.test: a new one is opened requiring TLS, and refused.
         self.assertIsInstance(failure, Refused)
-        self.assertEqual(failure.code, ErrorCode.TLS_REQUIRED)
-        self.assertIn("alpha.test requires TLS with beta.test", failure.text)
+        self.assertTrue(failure.temporary)
+        self.assertIn("530 tls-required", failure.text)
+        self.assertIn("does not offer STARTTLS", failure.text)
+        connections = self.alpha.pool.connections("beta.test")
+        self.assertEqual([c.tlsActive for c in connections], [False])
 
     def test_plaintextDialbackRefusedForRequiringDomain(self):
         """
@@ -642,3 +649,245 @@ class HandshakeFailureTests(TLSNetworkMixin, SynchronousTestCase):
         self.network.advance(2)
         self.network.advance(6)
         self.assertEqual(beta.connections, set())
+
+
+class ReviewRegressionTests(TLSNetworkMixin, SynchronousTestCase):
+    """
+    Holes found in review: each stays closed.
+    """
+
+    def serverAuthOnly(self, name, domain):
+        """
+        @return: C{(certificate, key)} paths of a leaf whose extended key
+            usage is serverAuth only, as public CAs now issue them.
+        """
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.timezone.utc)
+        issuer = x509.load_pem_x509_certificate(self.ca.cert_pem.bytes())
+        caKey = serialization.load_pem_private_key(self.ca.private_key_pem.bytes(), None)
+        certificate = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, domain)]))
+            .issuer_name(issuer.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(domain)]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .sign(caKey, hashes.SHA256())
+        )
+        paths = os.path.join(self.directory, f"{name}.pem"), os.path.join(self.directory, f"{name}.key")
+        with open(paths[0], "wb") as f:
+            f.write(certificate.public_bytes(serialization.Encoding.PEM))
+        with open(paths[1], "wb") as f:
+            f.write(
+                key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
+            )
+        return paths
+
+    def test_dialbackForRequiredPairNeverInPlaintext(self):
+        """
+        When a hosted domain requires TLS with a peer that does not offer
+        it, dial-back's return connection (which carries the secret) is
+        refused rather than made in plaintext, so the pair stays
+        unauthenticated; another hosted domain that only offers TLS does
+        not open the way.
+        """
+        alpha = self.network.server(
+            "10.0.0.1",
+            ["alpha.test", "gamma.test"],
+            tls=self.policy(
+                {"alpha.test": self.certificate("a", "alpha.test")},
+                {"alpha.test": "required", "gamma.test": "offered"},
+            ),
+        )
+        beta = self.network.server(
+            "10.0.0.2", ["beta.test"], tls=self.policy({}, {"beta.test": "offered"})
+        )
+        failure = self.send(
+            beta, message("bob@beta.test", "ann@alpha.test"), ("beta.test", "alpha.test")
+        )
+        self.assertIsInstance(failure, Exception)
+        self.assertEqual(alpha.aggregator.domain("alpha.test").backend.messages, [])
+        # No connection of alpha's to beta carried the secret in plaintext.
+        self.assertEqual([c for c in alpha.pool.connections("beta.test") if not c.tlsActive], [])
+        self.assertEqual(alpha.counters["pairs-authenticated"], 0)
+
+    def test_relaxedPeerLeavesOthersAlone(self):
+        """
+        A C{[[peer]]} override changes the mode towards that peer only.
+        """
+        policy = self.policy(
+            {"alpha.test": self.certificate("a", "alpha.test")},
+            {"alpha.test": "required"},
+            peers={"legacy.test": ("off", None)},
+        )
+        self.assertEqual(policy.connectionMode("legacy.test"), "off")
+        self.assertEqual(policy.connectionMode("beta.test"), "required")
+        self.assertEqual(policy.connectionMode(), "offered")
+        quiet = self.policy({}, {"alpha.test": "off"}, peers={"beta.test": ("offered", None)})
+        self.assertEqual(quiet.connectionMode("gamma.test"), "off")
+
+    def test_refusalsOnOpenConnectionsAreTemporary(self):
+        """
+        A request in flight when the connection is refused (here: the
+        peer sends an oversized record) fails as temporary, quoting why.
+        """
+        alpha = self.network.server("10.0.0.1", ["alpha.test"])
+        beta = self.network.server("10.0.0.2", ["beta.test"])
+        self.assertNotIsInstance(
+            self.send(alpha, message("ann@alpha.test", "bob@beta.test"), ("alpha.test", "beta.test")),
+            Exception,
+        )
+        inbound = self.only(beta._inbound())
+        results = []
+        alpha.pool.send(
+            ("alpha.test", "beta.test"), message("ann@alpha.test", "bob@beta.test", "m2")
+        ).addBoth(results.append)
+        inbound.transport.write(b"\x00\xff\xff\xff\x01\x00\x00\x00\x00\x00\x00\x09")
+        self.network.flush()
+        failure = results[0].value
+        self.assertIsInstance(failure, Refused)
+        self.assertTrue(failure.temporary)
+        self.assertIn("505 record-too-large", failure.text)
+
+    def test_certificateWithoutSubjectAltName(self):
+        """
+        A certificate with no subjectAltName is judged not valid for the
+        domain, both as the receiver's certificate (refused with its
+        reason) and as a client certificate (dial-back instead); nothing
+        escapes into Twisted.
+        """
+        caAsLeaf = (
+            self.write("ca-leaf.pem", self.ca.cert_pem),
+            self.write("ca-leaf.key", self.ca.private_key_pem),
+        )
+        alpha = self.network.server(
+            "10.0.0.1",
+            ["alpha.test"],
+            tls=self.policy({"alpha.test": caAsLeaf}, {"alpha.test": "offered"},
+                            peers={"beta.test": (None, True)}),
+        )
+        beta = self.network.server(
+            "10.0.0.2",
+            ["beta.test"],
+            tls=self.policy({"beta.test": caAsLeaf}, {"beta.test": "offered"}),
+        )
+        failure = self.send(
+            alpha, message("ann@alpha.test", "bob@beta.test"), ("alpha.test", "beta.test")
+        )
+        self.assertIn("certificate of beta.test: certificate is not valid for beta.test", failure.text)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_serverAuthOnlyClientCertificate(self):
+        """
+        A client certificate whose extended key usage is serverAuth only
+        still authenticates its domain without dial-back.
+        """
+        alpha = self.network.server(
+            "10.0.0.1",
+            ["alpha.test"],
+            tls=self.policy({"alpha.test": self.serverAuthOnly("a", "alpha.test")}, {"alpha.test": "offered"}),
+        )
+        beta = self.network.server(
+            "10.0.0.2",
+            ["beta.test"],
+            tls=self.policy({"beta.test": self.serverAuthOnly("b", "beta.test")}, {"beta.test": "offered"}),
+        )
+        answer = self.send(
+            alpha, message("ann@alpha.test", "bob@beta.test"), ("alpha.test", "beta.test")
+        )
+        self.assertNotIsInstance(answer, Exception)
+        self.assertEqual(beta.counters["pairs-certified"], 1)
+        self.assertEqual(beta.counters["dialbacks-started"], 0)
+
+    def test_handshakeClockRunsFromStartTLS(self):
+        """
+        The handshake timeout covers STARTTLS, TLS and the second HELLO
+        together: a peer that finishes TLS late and never sends HELLO is
+        dropped one timeout after STARTTLS, not two.
+        """
+        from imxd.peer import PeerFactory, PeerSettings
+
+        beta = self.network.server(
+            "10.0.0.2",
+            ["beta.test"],
+            tls=self.policy({"beta.test": self.certificate("b", "beta.test")}, {"beta.test": "offered"}),
+        )
+        stranger = Stranger(
+            PeerFactory(self.network.clock, PeerSettings(), capabilities=("starttls",))
+        )
+        stranger._proceed = lambda answer: None
+        self.network.connect(beta, stranger, "10.6.6.6", "10.0.0.2", 5275)
+        self.network.flush()
+        stranger.transport.write(encodeRecord(StartTLS(tag=1)))
+        self.network.flush()
+        self.network.advance(8)
+        stranger.handshakeCompleted = lambda: None
+        stranger.dataReceived = lambda data: None
+        stranger.transport.startTLS(
+            CertificateStore({}, self.caFile).clientConnections("beta.test")
+        )
+        self.network.flush()
+        self.assertEqual(beta.counters["tls-upgrades"], 1)
+        self.network.advance(3)
+        # Refused at t=10 (ERROR inside TLS, then the close grace).
+        self.assertEqual(beta.counters["connections-refused"], 1)
+        self.network.advance(6)
+        self.assertEqual(beta.connections, set())
+
+    def test_secondStartTLSRefused(self):
+        """
+        After a STARTTLS answered with tls-failed, a second STARTTLS is a
+        bad sequence.
+        """
+        from imxd.peer import PeerFactory, PeerSettings, RemoteError
+
+        beta = self.network.server("10.0.0.2", ["beta.test"], tls=None)
+        stranger = Stranger(PeerFactory(self.network.clock, PeerSettings()))
+        self.network.connect(beta, stranger, "10.6.6.6", "10.0.0.2", 5275)
+        self.network.flush()
+        first = self.network.answer(stranger, StartTLS())
+        self.assertEqual(first.code, ErrorCode.TLS_FAILED)
+        second = self.network.answer(stranger, StartTLS())
+        self.assertIsInstance(second, RemoteError)
+        self.assertEqual(second.code, ErrorCode.BAD_SEQUENCE)
+        self.assertIs(stranger.state, PeerState.CLOSED)
+
+    def test_nothingButTheAnswerWhileUpgrading(self):
+        """
+        While its STARTTLS awaits the answer, the originator takes nothing
+        else: a Data record there is a bad sequence.
+        """
+        from imxd.peer import PeerFactory, PeerSettings
+
+        alpha = self.network.server(
+            "10.0.0.1", ["alpha.test"], tls=self.policy({}, {"alpha.test": "offered"})
+        )
+        factory = PeerFactory(self.network.clock, PeerSettings(), capabilities=("starttls",))
+
+        class Sneaky(Stranger):
+            def _handleStartTLS(self, record):
+                self.sendRecord(message("bob@beta.test", "ann@alpha.test"))
+
+        Sneaky.stateTables = {state: dict(table) for state, table in Stranger.stateTables.items()}
+        Sneaky.stateTables[PeerState.OPEN][StartTLS] = Sneaky._handleStartTLS
+        factory.buildProtocol = lambda addr: Sneaky(factory)
+        self.network.servers[("10.0.0.2", 5275)] = factory
+        self.network.publish("beta.test", (0, 0, 5275, "imx.10.0.0.2"))
+        failure = self.send(
+            alpha, message("ann@alpha.test", "bob@beta.test"), ("alpha.test", "beta.test")
+        )
+        self.assertIn("Message during the TLS upgrade", failure.text)
+        self.assertEqual(alpha.aggregator.domain("alpha.test").backend.messages, [])
