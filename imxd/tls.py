@@ -12,10 +12,11 @@ ERROR an operator can act on.
 
 from __future__ import annotations
 
-import weakref
 from typing import Mapping, Optional
 
-from OpenSSL import SSL
+import ssl
+
+from OpenSSL import SSL, crypto
 from service_identity import CertificateError, VerificationError
 from service_identity.pyopenssl import verify_hostname
 from twisted.internet.interfaces import (
@@ -39,10 +40,6 @@ _VERIFY_REASONS = {
     26: "certificate is not for this purpose",
 }
 
-#: X509_V_ERR_INVALID_PURPOSE: the certificate's extended key usage does
-#: not cover the role it is presented in.
-_INVALID_PURPOSE = 26
-
 #: Ciphers for TLS 1.2 (TLS 1.3 suites are OpenSSL's defaults): forward
 #: secrecy and AEAD only.
 _CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20"
@@ -56,11 +53,46 @@ class TLSError(Exception):
 
 
 def _baseContext() -> SSL.Context:
+    """
+    A context with imxd's TLS settings.  It asks for the peer's
+    certificate and takes whatever comes: the certificate is judged after
+    the handshake (L{CertificateStore.peerProblem}), against one trust
+    store shared by every context, so that the refusal can say why and
+    many hosted domains do not each hold a copy of the CAs.
+    """
     context = SSL.Context(SSL.TLS_METHOD)
     context.set_min_proto_version(SSL.TLS1_2_VERSION)
     context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
     context.set_cipher_list(_CIPHERS)
+    context.set_verify(SSL.VERIFY_PEER, _takeAny)
     return context
+
+
+def _takeAny(connection, certificate, code, depth, ok) -> bool:
+    return True
+
+
+def _trustStore(caFile: Optional[str]) -> crypto.X509Store:
+    """
+    @return: the CAs trusted for peers' certificates: C{caFile}, or the
+        system's (OpenSSL's default file and directory).
+    @raise TLSError: C{caFile} cannot be loaded.
+    """
+    store = crypto.X509Store()
+    if caFile:
+        try:
+            store.load_locations(caFile)
+        except crypto.Error as e:
+            raise TLSError(f"{caFile}: cannot load CA bundle: {_text(e)}") from None
+        return store
+    paths = ssl.get_default_verify_paths()
+    for cafile, capath in ((paths.cafile, None), (None, paths.capath)):
+        if cafile or capath:
+            try:
+                store.load_locations(cafile, capath)
+            except crypto.Error:
+                pass
+    return store
 
 
 def _loadPair(context: SSL.Context, certificate: str, key: str) -> None:
@@ -122,41 +154,13 @@ class CertificateStore:
             self._byDomain[domain] = context
         self.domains = frozenset(self._byDomain)
         self._anonymous: Optional[SSL.Context] = None
-        self._failures: "weakref.WeakKeyDictionary[SSL.Connection, int]" = (
-            weakref.WeakKeyDictionary()
-        )
-        self._accepted: "weakref.WeakSet[SSL.Connection]" = weakref.WeakSet()
+        self._trusted = _trustStore(caFile)
 
     def _serving(self, certificate: str, key: str) -> SSL.Context:
         context = _baseContext()
         _loadPair(context, certificate, key)
-        self._trust(context)
         context.set_tlsext_servername_callback(self._selectBySNI)
         return context
-
-    def _trust(self, context: SSL.Context) -> None:
-        if self.caFile:
-            try:
-                context.load_verify_locations(self.caFile)
-            except SSL.Error as e:
-                raise TLSError(f"{self.caFile}: cannot load CA bundle: {_text(e)}") from None
-        else:
-            context.set_default_verify_paths()
-        context.set_verify(SSL.VERIFY_PEER, self._recordFailure)
-
-    def _recordFailure(self, connection, certificate, code, depth, ok) -> bool:
-        """
-        Note the first verification error and let the handshake go on, so
-        that the refusal can say why.
-        """
-        if ok or connection in self._failures:
-            return True
-        if code == _INVALID_PURPOSE and connection in self._accepted:
-            # A client certificate issued for servers only (serverAuth,
-            # as public CAs now issue them) still proves its domain here.
-            return True
-        self._failures[connection] = code
-        return True
 
     def _selectBySNI(self, connection: SSL.Connection) -> None:
         name = connection.get_servername()
@@ -188,7 +192,7 @@ class CertificateStore:
             context = next(iter(self._byPair.values()), None)
         else:
             context = self.serverContext(domain)
-        return None if context is None else _Connections(context, accepted=self._accepted)
+        return None if context is None else _Connections(context)
 
     def clientConnections(self, serverName: str, ownDomain: Optional[str] = None) -> "_Connections":
         """
@@ -208,7 +212,6 @@ class CertificateStore:
             return context
         if self._anonymous is None:
             self._anonymous = _baseContext()
-            self._trust(self._anonymous)
         return self._anonymous
 
     def peerProblem(self, connection: SSL.Connection, domain: str) -> Optional[str]:
@@ -221,11 +224,14 @@ class CertificateStore:
         """
         if not self.verify:
             return None
-        if connection.get_peer_certificate() is None:
+        leaf = connection.get_peer_certificate()
+        if leaf is None:
             return "no certificate was presented"
-        code = self._failures.get(connection)
-        if code is not None:
-            return verifyReason(code)
+        chain = connection.get_peer_cert_chain() or []
+        try:
+            crypto.X509StoreContext(self._trusted, leaf, chain).verify_certificate()
+        except crypto.X509StoreContextError as e:
+            return verifyReason(e.errors[0])
         try:
             verify_hostname(connection, domain)
         except (VerificationError, CertificateError):
@@ -243,11 +249,9 @@ class _Connections:
     context, with SNI on the client side.
     """
 
-    def __init__(self, context: SSL.Context, serverName: Optional[str] = None,
-                 accepted=None) -> None:
+    def __init__(self, context: SSL.Context, serverName: Optional[str] = None) -> None:
         self._context = context
         self._serverName = serverName
-        self._accepted = accepted
 
     def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
         connection = SSL.Connection(self._context, None)
@@ -256,10 +260,7 @@ class _Connections:
         return connection
 
     def serverConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
-        connection = SSL.Connection(self._context, None)
-        if self._accepted is not None:
-            self._accepted.add(connection)
-        return connection
+        return SSL.Connection(self._context, None)
 
 
 def describe(connection: SSL.Connection) -> str:
