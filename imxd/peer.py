@@ -236,6 +236,7 @@ class PeerProtocol(Protocol):
         self._upgradeStarted = False
         self._tlsHandshakeDone = False
         self._upgradeTag = 0
+        self._announced = ()
 
     # -- life -------------------------------------------------------------
 
@@ -254,7 +255,9 @@ class PeerProtocol(Protocol):
         """
         Write the preamble and HELLO: on connect, and again inside TLS.
         """
-        self.transport.write(PREAMBLE + encodeRecord(self.helloRecord()))
+        hello = self.helloRecord()
+        self._announced = hello.capabilities
+        self.transport.write(PREAMBLE + encodeRecord(hello))
 
     def helloRecord(self):
         """
@@ -309,7 +312,7 @@ class PeerProtocol(Protocol):
         """
         if self.peerHello is None or capability not in self.peerHello.capabilities:
             return False
-        return capability in self.factory.capabilities + self._tlsCapabilities()
+        return capability in self._announced
 
     def connectionLost(self, reason=connectionDone):
         """
@@ -517,22 +520,17 @@ class PeerProtocol(Protocol):
             return
         self._upgradeAsked = True
         tls = self.factory.tls
-        if tls is None or not tls.offers():
-            self.sendRecord(
-                Error(tag=record.tag, code=ErrorCode.TLS_FAILED, text="TLS is not offered here")
-            )
-            return
         domain = self.peerHello.toDomain
-        connections = tls.store.serverConnections(_canonicalOrNone(domain))
+        connections = None
+        if tls is None or not tls.offers():
+            why = "TLS is not offered here"
+        else:
+            why = f"no certificate for {domain} here"
+            connections = tls.store.serverConnections(_canonicalOrNone(domain))
+            if connections is None:
+                self.factory.count("tls-failures")
         if connections is None:
-            self.factory.count("tls-failures")
-            self.sendRecord(
-                Error(
-                    tag=record.tag,
-                    code=ErrorCode.TLS_FAILED,
-                    text=f"no certificate for {domain} here",
-                )
-            )
+            self.sendRecord(Error(tag=record.tag, code=ErrorCode.TLS_FAILED, text=why))
             return
         self._restartHandshakeClock()
         self.state = PeerState.UPGRADING
@@ -671,7 +669,8 @@ class PeerProtocol(Protocol):
             code=error.code,
             text=error.text,
         )
-        if getattr(error, "fromDomain", None) is None and getattr(error, "toDomain", None) is None:
+        if error.fromDomain is None and error.toDomain is None:
+            # An ERROR about one domain pair does not end the connection.
             self.closeReason = RemoteError(error)
         self.factory.count("errors-received")
 

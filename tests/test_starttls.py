@@ -16,39 +16,54 @@ import os
 import trustme
 from twisted.trial.unittest import SynchronousTestCase
 
-from imxd.peer import PeerState, Refused
+from imxd.peer import PeerFactory, PeerSettings, PeerState, Refused, RemoteError
 from imxd.tls import CertificateStore, TLSPolicy
 from imxd.wire import ErrorCode, Ping, StartTLS, encodeRecord
 
+from tests.certificates import CertificatesMixin
 from tests.network import Network, Stranger, message
 
 
-class TLSNetworkMixin:
+class TLSNetworkMixin(CertificatesMixin):
     """
     A network, a CA and a way to give servers certificates.
     """
 
     def setUp(self):
+        super().setUp()
         self.network = Network()
-        self.directory = self.mktemp()
-        os.makedirs(self.directory)
-        self.ca = trustme.CA()
-        self.caFile = self.write("ca.pem", self.ca.cert_pem)
 
-    def write(self, name, blob):
-        path = os.path.join(self.directory, name)
-        blob.write_to_path(path)
-        return path
-
-    def certificate(self, name, *domains, ca=None, **validity):
+    def serving(self, host, domain, mode="offered", certificate=None):
         """
-        @return: C{(certificate path, key path)} of a leaf for C{domains}.
+        Start a server hosting C{domain} with a certificate (by default a
+        valid one for C{domain}) and TLS policy C{mode}.
         """
-        leaf = (ca or self.ca).issue_cert(*domains, **validity)
-        return (
-            self.write(f"{name}.pem", leaf.cert_chain_pems[0]),
-            self.write(f"{name}.key", leaf.private_key_pem),
+        certificate = certificate or self.certificate(domain, domain)
+        return self.network.server(
+            host, [domain], tls=self.policy({domain: certificate}, {domain: mode})
         )
+
+    def stranger(self, server, capabilities=()):
+        """
+        Connect a raw IMX peer announcing C{capabilities} to C{server} from
+        10.6.6.6 and finish HELLO.
+        """
+        protocol = Stranger(
+            PeerFactory(self.network.clock, PeerSettings(), capabilities=capabilities)
+        )
+        self.network.connect(server, protocol, "10.6.6.6", server.host, 5275)
+        self.network.flush()
+        return protocol
+
+    def fakeBeta(self, protocolClass):
+        """
+        Publish beta.test at 10.0.0.2, served by raw C{protocolClass}
+        peers that announce C{starttls}.
+        """
+        factory = PeerFactory(self.network.clock, PeerSettings(), capabilities=("starttls",))
+        factory.buildProtocol = lambda addr: protocolClass(factory)
+        self.network.servers[("10.0.0.2", 5275)] = factory
+        self.network.publish("beta.test", (0, 0, 5275, "imx.10.0.0.2"))
 
     def policy(self, certificates, modes, peers=None, verify=True):
         """
@@ -87,16 +102,8 @@ class UpgradeTests(TLSNetworkMixin, SynchronousTestCase):
         sides send HELLO again inside TLS, announcing C{tls-cert-auth}; the
         message is delivered.
         """
-        alpha = self.network.server(
-            "10.0.0.1",
-            ["alpha.test"],
-            tls=self.policy({"alpha.test": self.certificate("a", "alpha.test")}, {"alpha.test": "offered"}),
-        )
-        beta = self.network.server(
-            "10.0.0.2",
-            ["beta.test"],
-            tls=self.policy({"beta.test": self.certificate("b", "beta.test")}, {"beta.test": "offered"}),
-        )
+        alpha = self.serving("10.0.0.1", "alpha.test")
+        beta = self.serving("10.0.0.2", "beta.test")
         answer = self.send(
             alpha, message("ann@alpha.test", "bob@beta.test"), ("alpha.test", "beta.test")
         )
@@ -124,11 +131,7 @@ class UpgradeTests(TLSNetworkMixin, SynchronousTestCase):
         alpha = self.network.server(
             "10.0.0.1", ["alpha.test"], tls=self.policy({}, {"alpha.test": "offered"})
         )
-        beta = self.network.server(
-            "10.0.0.2",
-            ["beta.test"],
-            tls=self.policy({"beta.test": self.certificate("b", "beta.test")}, {"beta.test": "offered"}),
-        )
+        beta = self.serving("10.0.0.2", "beta.test")
         answer = self.send(
             alpha, message("ann@alpha.test", "bob@beta.test"), ("alpha.test", "beta.test")
         )
@@ -158,11 +161,7 @@ class UpgradeTests(TLSNetworkMixin, SynchronousTestCase):
                 {"alpha.test": "offered", "omega.test": "offered"},
             ),
         )
-        beta = self.network.server(
-            "10.0.0.2",
-            ["beta.test"],
-            tls=self.policy({"beta.test": self.certificate("b", "beta.test")}, {"beta.test": "offered"}),
-        )
+        beta = self.serving("10.0.0.2", "beta.test")
         for sender in ("ann@alpha.test", "oz@omega.test"):
             answer = self.send(
                 alpha,
@@ -254,11 +253,7 @@ class VerificationTests(TLSNetworkMixin, SynchronousTestCase):
             ["alpha.test"],
             tls=self.policy({}, {"alpha.test": "offered"}, peers, verify),
         )
-        self.beta = self.network.server(
-            "10.0.0.2",
-            ["beta.test"],
-            tls=self.policy({"beta.test": betaCertificate}, {"beta.test": "offered"}),
-        )
+        self.beta = self.serving("10.0.0.2", "beta.test", certificate=betaCertificate)
         return self.send(
             self.alpha, message("ann@alpha.test", "bob@beta.test"), ("alpha.test", "beta.test")
         )
@@ -291,11 +286,7 @@ class VerificationTests(TLSNetworkMixin, SynchronousTestCase):
         )
 
     def test_selfSigned(self):
-        lonely = trustme.CA()
-        pair = (
-            self.write("self.pem", lonely.cert_pem),
-            self.write("self.key", lonely.private_key_pem),
-        )
+        pair = self.selfSigned("self")
         self.assertRefusedFor(self.refusal(pair), "certificate is self-signed")
 
     def test_verificationOffForOnePeer(self):
@@ -316,11 +307,7 @@ class VerificationTests(TLSNetworkMixin, SynchronousTestCase):
         With verification off for the server, a self-signed certificate is
         accepted.
         """
-        lonely = trustme.CA()
-        pair = (
-            self.write("self.pem", lonely.cert_pem),
-            self.write("self.key", lonely.private_key_pem),
-        )
+        pair = self.selfSigned("self")
         self.assertNotIsInstance(self.refusal(pair, verify=False), Exception)
 
 
@@ -356,18 +343,8 @@ class InjectionTests(TLSNetworkMixin, SynchronousTestCase):
         bad-sequence and the connection is closed; the PING is not
         answered and TLS never starts.
         """
-        from imxd.peer import PeerFactory, PeerSettings
-
-        beta = self.network.server(
-            "10.0.0.2",
-            ["beta.test"],
-            tls=self.policy({"beta.test": self.certificate("b", "beta.test")}, {"beta.test": "offered"}),
-        )
-        stranger = Stranger(
-            PeerFactory(self.network.clock, PeerSettings(), capabilities=("starttls",))
-        )
-        self.network.connect(beta, stranger, "10.6.6.6", "10.0.0.2", 5275)
-        self.network.flush()
+        beta = self.serving("10.0.0.2", "beta.test")
+        stranger = self.stranger(beta, capabilities=("starttls",))
         self.assertIn("starttls", stranger.peerHello.capabilities)
         stranger.transport.write(encodeRecord(StartTLS(tag=1)) + encodeRecord(Ping(tag=2)))
         self.network.flush()
@@ -383,16 +360,10 @@ class InjectionTests(TLSNetworkMixin, SynchronousTestCase):
         An originator that finds a record after STARTTLS_PROCEED in the
         same read refuses the connection rather than take it.
         """
-        from imxd.peer import PeerFactory, PeerSettings
-
         alpha = self.network.server(
             "10.0.0.1", ["alpha.test"], tls=self.policy({}, {"alpha.test": "offered"})
         )
-        factory = PeerFactory(self.network.clock, PeerSettings(), capabilities=("starttls",))
-        factory.protocol = Injector
-        factory.buildProtocol = lambda addr: Injector(factory)
-        self.network.servers[("10.0.0.2", 5275)] = factory
-        self.network.publish("beta.test", (0, 0, 5275, "imx.10.0.0.2"))
+        self.fakeBeta(Injector)
         failure = self.send(
             alpha, message("ann@alpha.test", "bob@beta.test"), ("alpha.test", "beta.test")
         )
@@ -550,7 +521,6 @@ class PolicyTests(TLSNetworkMixin, SynchronousTestCase):
         A DIALBACK_KEY on a plaintext connection for a hosted domain that
         requires TLS is refused with tls-required (the connection stays).
         """
-        from imxd.peer import PeerFactory, PeerSettings, RemoteError
         from imxd.wire import DialbackKey
 
         betaTLS = self.policy(
@@ -558,9 +528,7 @@ class PolicyTests(TLSNetworkMixin, SynchronousTestCase):
             {"beta.test": "required", "omega.test": "offered"},
         )
         beta = self.network.server("10.0.0.2", ["beta.test", "omega.test"], tls=betaTLS)
-        stranger = Stranger(PeerFactory(self.network.clock, PeerSettings()))
-        self.network.connect(beta, stranger, "10.6.6.6", "10.0.0.2", 5275)
-        self.network.flush()
+        stranger = self.stranger(beta)
         answer = self.network.answer(
             stranger, DialbackKey(fromDomain="x.test", toDomain="beta.test", token=b"t" * 16)
         )
@@ -573,12 +541,8 @@ class PolicyTests(TLSNetworkMixin, SynchronousTestCase):
         STARTTLS sent to a server that offers no TLS is answered with
         tls-failed, and the connection goes on in plaintext.
         """
-        from imxd.peer import PeerFactory, PeerSettings, RemoteError
-
         beta = self.network.server("10.0.0.2", ["beta.test"], tls=None)
-        stranger = Stranger(PeerFactory(self.network.clock, PeerSettings()))
-        self.network.connect(beta, stranger, "10.6.6.6", "10.0.0.2", 5275)
-        self.network.flush()
+        stranger = self.stranger(beta)
         answer = self.network.answer(stranger, StartTLS())
         self.assertIsInstance(answer, RemoteError)
         self.assertEqual(answer.code, ErrorCode.TLS_FAILED)
@@ -607,20 +571,10 @@ class HandshakeFailureTests(TLSNetworkMixin, SynchronousTestCase):
         @return: C{(beta, stranger)}: a raw peer that has sent STARTTLS to
             beta and received PROCEED, but has not started TLS.
         """
-        from imxd.peer import PeerFactory, PeerSettings
         from imxd.wire import StartTLSProceed
 
-        beta = self.network.server(
-            "10.0.0.2",
-            ["beta.test"],
-            tls=self.policy({"beta.test": self.certificate("b", "beta.test")}, {"beta.test": "offered"}),
-        )
-        stranger = Stranger(
-            PeerFactory(self.network.clock, PeerSettings(), capabilities=("starttls",))
-        )
-        stranger._proceed = lambda answer: None
-        self.network.connect(beta, stranger, "10.6.6.6", "10.0.0.2", 5275)
-        self.network.flush()
+        beta = self.serving("10.0.0.2", "beta.test")
+        stranger = self.stranger(beta, capabilities=("starttls",))
         stranger.transport.write(encodeRecord(StartTLS(tag=1)))
         self.network.flush()
         self.assertIsInstance(stranger.received[-1], StartTLSProceed)
@@ -779,11 +733,7 @@ class ReviewRegressionTests(TLSNetworkMixin, SynchronousTestCase):
             tls=self.policy({"alpha.test": caAsLeaf}, {"alpha.test": "offered"},
                             peers={"beta.test": (None, True)}),
         )
-        beta = self.network.server(
-            "10.0.0.2",
-            ["beta.test"],
-            tls=self.policy({"beta.test": caAsLeaf}, {"beta.test": "offered"}),
-        )
+        self.serving("10.0.0.2", "beta.test", certificate=caAsLeaf)
         failure = self.send(
             alpha, message("ann@alpha.test", "bob@beta.test"), ("alpha.test", "beta.test")
         )
@@ -795,16 +745,10 @@ class ReviewRegressionTests(TLSNetworkMixin, SynchronousTestCase):
         A client certificate whose extended key usage is serverAuth only
         still authenticates its domain without dial-back.
         """
-        alpha = self.network.server(
-            "10.0.0.1",
-            ["alpha.test"],
-            tls=self.policy({"alpha.test": self.serverAuthOnly("a", "alpha.test")}, {"alpha.test": "offered"}),
+        alpha = self.serving(
+            "10.0.0.1", "alpha.test", certificate=self.serverAuthOnly("a", "alpha.test")
         )
-        beta = self.network.server(
-            "10.0.0.2",
-            ["beta.test"],
-            tls=self.policy({"beta.test": self.serverAuthOnly("b", "beta.test")}, {"beta.test": "offered"}),
-        )
+        beta = self.serving("10.0.0.2", "beta.test", certificate=self.serverAuthOnly("b", "beta.test"))
         answer = self.send(
             alpha, message("ann@alpha.test", "bob@beta.test"), ("alpha.test", "beta.test")
         )
@@ -818,19 +762,8 @@ class ReviewRegressionTests(TLSNetworkMixin, SynchronousTestCase):
         together: a peer that finishes TLS late and never sends HELLO is
         dropped one timeout after STARTTLS, not two.
         """
-        from imxd.peer import PeerFactory, PeerSettings
-
-        beta = self.network.server(
-            "10.0.0.2",
-            ["beta.test"],
-            tls=self.policy({"beta.test": self.certificate("b", "beta.test")}, {"beta.test": "offered"}),
-        )
-        stranger = Stranger(
-            PeerFactory(self.network.clock, PeerSettings(), capabilities=("starttls",))
-        )
-        stranger._proceed = lambda answer: None
-        self.network.connect(beta, stranger, "10.6.6.6", "10.0.0.2", 5275)
-        self.network.flush()
+        beta = self.serving("10.0.0.2", "beta.test")
+        stranger = self.stranger(beta, capabilities=("starttls",))
         stranger.transport.write(encodeRecord(StartTLS(tag=1)))
         self.network.flush()
         self.network.advance(8)
@@ -852,12 +785,8 @@ class ReviewRegressionTests(TLSNetworkMixin, SynchronousTestCase):
         After a STARTTLS answered with tls-failed, a second STARTTLS is a
         bad sequence.
         """
-        from imxd.peer import PeerFactory, PeerSettings, RemoteError
-
         beta = self.network.server("10.0.0.2", ["beta.test"], tls=None)
-        stranger = Stranger(PeerFactory(self.network.clock, PeerSettings()))
-        self.network.connect(beta, stranger, "10.6.6.6", "10.0.0.2", 5275)
-        self.network.flush()
+        stranger = self.stranger(beta)
         first = self.network.answer(stranger, StartTLS())
         self.assertEqual(first.code, ErrorCode.TLS_FAILED)
         second = self.network.answer(stranger, StartTLS())
@@ -870,22 +799,16 @@ class ReviewRegressionTests(TLSNetworkMixin, SynchronousTestCase):
         While its STARTTLS awaits the answer, the originator takes nothing
         else: a Data record there is a bad sequence.
         """
-        from imxd.peer import PeerFactory, PeerSettings
-
         alpha = self.network.server(
             "10.0.0.1", ["alpha.test"], tls=self.policy({}, {"alpha.test": "offered"})
         )
-        factory = PeerFactory(self.network.clock, PeerSettings(), capabilities=("starttls",))
-
         class Sneaky(Stranger):
             def _handleStartTLS(self, record):
                 self.sendRecord(message("bob@beta.test", "ann@alpha.test"))
 
         Sneaky.stateTables = {state: dict(table) for state, table in Stranger.stateTables.items()}
         Sneaky.stateTables[PeerState.OPEN][StartTLS] = Sneaky._handleStartTLS
-        factory.buildProtocol = lambda addr: Sneaky(factory)
-        self.network.servers[("10.0.0.2", 5275)] = factory
-        self.network.publish("beta.test", (0, 0, 5275, "imx.10.0.0.2"))
+        self.fakeBeta(Sneaky)
         failure = self.send(
             alpha, message("ann@alpha.test", "bob@beta.test"), ("alpha.test", "beta.test")
         )

@@ -8,13 +8,13 @@ run in memory.
 from __future__ import annotations
 
 import datetime
-import os
 
 import trustme
 from OpenSSL import SSL
 from twisted.trial.unittest import SynchronousTestCase
 
 from imxd.tls import CertificateStore, TLSError
+from tests.certificates import CertificatesMixin
 
 MAX_ROUNDS = 50
 
@@ -50,28 +50,10 @@ def handshake(serverContext, clientContext, serverName=None):
     raise AssertionError("the handshake never finished")
 
 
-class CertificateStoreTests(SynchronousTestCase):
+class CertificateStoreTests(CertificatesMixin, SynchronousTestCase):
     """
     Hosted domains' certificates, and peer checks.
     """
-
-    def setUp(self):
-        self.directory = self.mktemp()
-        os.makedirs(self.directory)
-        self.ca = trustme.CA()
-        self.caFile = self.write("ca.pem", self.ca.cert_pem)
-
-    def write(self, name, blob):
-        path = os.path.join(self.directory, name)
-        blob.write_to_path(path)
-        return path
-
-    def issue(self, name, *domains, **validity):
-        leaf = self.ca.issue_cert(*domains, **validity)
-        return (
-            self.write(f"{name}.pem", leaf.cert_chain_pems[0]),
-            self.write(f"{name}.key", leaf.private_key_pem),
-        )
 
     def store(self, certificates, caFile=None, verify=True):
         return CertificateStore(certificates, caFile or self.caFile, verify)
@@ -82,8 +64,8 @@ class CertificateStoreTests(SynchronousTestCase):
         SAN), SNI selects the right certificate; the peer checks it
         against the domain it dialled.
         """
-        alpha = self.issue("alpha", "alpha.test")
-        shared = self.issue("shared", "beta.test", "gamma.test")
+        alpha = self.certificate("alpha", "alpha.test")
+        shared = self.certificate("shared", "beta.test", "gamma.test")
         server = self.store({"alpha.test": alpha, "beta.test": shared, "gamma.test": shared})
         client = self.store({})
         for domain in ("alpha.test", "beta.test", "gamma.test"):
@@ -99,7 +81,7 @@ class CertificateStoreTests(SynchronousTestCase):
         The handshake is TLS 1.2 or later; a client offering only TLS 1.1
         is refused.
         """
-        server = self.store({"alpha.test": self.issue("alpha", "alpha.test")})
+        server = self.store({"alpha.test": self.certificate("alpha", "alpha.test")})
         _, connection = handshake(server.serverContext("alpha.test"), self.store({}).clientContext(), "alpha.test")
         self.assertIn(connection.get_protocol_version_name(), ("TLSv1.2", "TLSv1.3"))
         old = SSL.Context(SSL.TLS_METHOD)
@@ -114,27 +96,21 @@ class CertificateStoreTests(SynchronousTestCase):
 
     def test_wrongDomain(self):
         self.assertEqual(
-            self.refusal(self.issue("other", "other.test"), "alpha.test"),
+            self.refusal(self.certificate("other", "other.test"), "alpha.test"),
             "certificate is not valid for alpha.test",
         )
 
     def test_expired(self):
         past = datetime.datetime(2020, 1, 1)
-        pair = self.issue("old", "alpha.test", not_before=past, not_after=past + datetime.timedelta(days=1))
+        pair = self.certificate("old", "alpha.test", not_before=past, not_after=past + datetime.timedelta(days=1))
         self.assertEqual(self.refusal(pair, "alpha.test"), "certificate has expired")
 
     def test_unknownIssuer(self):
-        stranger = trustme.CA()
-        leaf = stranger.issue_cert("alpha.test")
-        pair = (
-            self.write("s.pem", leaf.cert_chain_pems[0]),
-            self.write("s.key", leaf.private_key_pem),
-        )
+        pair = self.certificate("s", "alpha.test", ca=trustme.CA())
         self.assertEqual(self.refusal(pair, "alpha.test"), "certificate issuer is unknown")
 
     def test_selfSigned(self):
-        lonely = trustme.CA()
-        pair = (self.write("self.pem", lonely.cert_pem), self.write("self.key", lonely.private_key_pem))
+        pair = self.selfSigned("self")
         self.assertEqual(self.refusal(pair, "alpha.test"), "certificate is self-signed")
 
     def test_verificationOff(self):
@@ -142,7 +118,7 @@ class CertificateStoreTests(SynchronousTestCase):
         With verification off (an operator's per-peer choice) any
         certificate passes.
         """
-        server = self.store({"alpha.test": self.issue("other", "other.test")})
+        server = self.store({"alpha.test": self.certificate("other", "other.test")})
         client = self.store({}, verify=False)
         _, connection = handshake(server.serverContext("alpha.test"), client.clientContext(), "alpha.test")
         self.assertIsNone(client.peerProblem(connection, "alpha.test"))
@@ -152,8 +128,8 @@ class CertificateStoreTests(SynchronousTestCase):
         The receiving side asks for a client certificate: one valid for the
         originating domain passes its check; none is reported as such.
         """
-        server = self.store({"alpha.test": self.issue("alpha", "alpha.test")})
-        originator = self.store({"beta.test": self.issue("beta", "beta.test")})
+        server = self.store({"alpha.test": self.certificate("alpha", "alpha.test")})
+        originator = self.store({"beta.test": self.certificate("beta", "beta.test")})
         connection, _ = handshake(
             server.serverContext("alpha.test"), originator.clientContext("beta.test"), "alpha.test"
         )
@@ -169,8 +145,8 @@ class CertificateStoreTests(SynchronousTestCase):
         A missing certificate, a key that does not match, or a bad CA
         bundle is one line naming the file.
         """
-        alpha = self.issue("alpha", "alpha.test")
-        beta = self.issue("beta", "beta.test")
+        alpha = self.certificate("alpha", "alpha.test")
+        beta = self.certificate("beta", "beta.test")
         for certificates, caFile, words in [
             ({"a.test": ("/nonexistent.pem", alpha[1])}, None, "/nonexistent.pem: cannot use the certificate"),
             ({"a.test": (alpha[0], beta[1])}, None, f"{beta[1]}: cannot use the key"),
