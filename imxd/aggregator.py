@@ -57,6 +57,7 @@ class VirtualDomain(service.Service):
         Start serving the domain; logs one line.
         """
         super().startService()
+        self.presence.start()
         self.backend.start(self)
         self._log.info(
             "Hosting {domain} (backend {backend})",
@@ -69,6 +70,7 @@ class VirtualDomain(service.Service):
         Stop the backend.
         """
         super().stopService()
+        self.presence.stop()
         return self.backend.stop()
 
     @property
@@ -106,7 +108,23 @@ class VirtualDomain(service.Service):
         """
         See L{IDomainService.sendMessage}.
         """
-        return self.route(message)
+        router = self.parent.router if self.parent is not None else None
+        if router is None:
+            return fail(Refused(ErrorCode.SHUTTING_DOWN, "imxd is not routing"))
+        return router.submit(message, self.name)
+
+    def deliveryReport(self, message: Message, refusal) -> None:
+        """
+        Tell the backend what became of a message it sent (L{None}:
+        delivered); a backend that fails to take the report is logged.
+        """
+        maybeDeferred(self.backend.deliveryReport, message, refusal).addErrback(
+            lambda failure: self._log.failure(
+                "{domain}: the backend failed to take a delivery report",
+                failure,
+                domain=self.name,
+            )
+        )
 
     def subscribe(self, subscriber: str, publisher: str) -> Deferred:
         """
@@ -185,6 +203,8 @@ class Aggregator(service.MultiService):
     @ivar federation: the L{imxd.federation.Federation}, once attached.
     @ivar router: the L{imxd.router.Router} hosted domains send through,
         once attached.
+    @ivar database: the L{imxd.store.Database} of the process's durable
+        state, once attached.
     """
 
     def __init__(self, config: Config, dialbackSecret: Optional[bytes] = None) -> None:
@@ -200,12 +220,38 @@ class Aggregator(service.MultiService):
         self.dialbackSecret = dialbackSecret
         self.federation = None
         self.router = None
+        self.database = None
         self._domains: dict[str, VirtualDomain] = {}
         for domainConfig in config.domains:
             virtualDomain = VirtualDomain(domainConfig)
             virtualDomain.setServiceParent(self)
             self._domains[domainConfig.name] = virtualDomain
         self._hosted = frozenset(self._domains)
+
+    def startService(self) -> None:
+        """
+        Start the hosted domains, then the federation's outbox (which may
+        report to their backends at once).
+        """
+        super().startService()
+        if self.federation is not None:
+            self.federation.start()
+
+    def stopService(self):
+        """
+        Stop the federation's timers and the hosted domains, then close the
+        database.
+        """
+        if self.federation is not None:
+            self.federation.stop()
+        stopped = super().stopService()
+        if self.database is not None:
+            stopped.addBoth(self._closeDatabase)
+        return stopped
+
+    def _closeDatabase(self, result):
+        self.database.close()
+        return result
 
     def attachFederation(self, federation) -> None:
         """
@@ -216,6 +262,7 @@ class Aggregator(service.MultiService):
         """
         self.federation = federation
         self.router = federation.router
+        self.database = federation.database
 
     def sharedBackendServices(self, reactor) -> list:
         """

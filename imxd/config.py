@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import attrs
 
-from imxd.address import AddressError, normaliseDomain
+from imxd.address import Address, AddressError, normaliseDomain
 from imxd.backend import backendKinds, validateBackendOptions
 
 __all__ = [
@@ -111,6 +111,14 @@ class LimitsConfig:
     @ivar maxPendingDialbacksPerAddress: unfinished dial-backs for
         connections from one source address.
     @ivar maxOutboundPerPeer: outbound connections opened to one peer.
+    @ivar maxRequestsInProgress: requests from one connection being
+        handled at once; reading from the connection pauses at this many.
+    @ivar domainRate: Data requests per second accepted from one
+        authenticated remote domain (token bucket, 0: no limit).
+    @ivar domainBurst: the bucket's size: requests accepted at once after
+        a quiet spell.
+    @ivar rateExemptDomains: remote domains without a rate limit
+        (approved notification services, draft 6.4 item 4).
     """
 
     maxRecordSize: int = 65536
@@ -119,6 +127,39 @@ class LimitsConfig:
     maxConnectionsPerDomain: int = 4
     maxPendingDialbacksPerAddress: int = 8
     maxOutboundPerPeer: int = 2
+    maxRequestsInProgress: int = 1000
+    domainRate: int = 10000
+    domainBurst: int = 20000
+    rateExemptDomains: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class QueueConfig:
+    """
+    C{[server.queue]}: the durable outbound queue and the dedupe window
+    (C{docs/reliability.md}).
+
+    @ivar durability: C{"full"} (each grouped commit reaches the disk
+        before messages are accepted) or C{"normal"} (it reaches the
+        operating system: safe when imxd is killed, not on power loss).
+    @ivar giveUpAfter: seconds a message is retried before it is reported
+        failed.
+    @ivar retryInitial: seconds of the first wait after a destination
+        failed; each failure in a row doubles it.
+    @ivar retryMax: the longest wait between two tries of a destination.
+    @ivar window: messages in flight to one destination at most.
+    @ivar maxQueued: messages held at most; more are refused for now.
+    @ivar dedupeWindow: seconds a received MESSAGE_ID is remembered, at
+        least C{giveUpAfter}.
+    """
+
+    durability: str = "full"
+    giveUpAfter: float = 86400.0
+    retryInitial: float = 5.0
+    retryMax: float = 300.0
+    window: int = 1000
+    maxQueued: int = 1000000
+    dedupeWindow: float = 172800.0
 
 
 @attrs.frozen
@@ -153,6 +194,7 @@ class ServerConfig:
     @ivar timeouts: the L{TimeoutsConfig}.
     @ivar limits: the L{LimitsConfig}.
     @ivar tls: the L{TLSConfig}.
+    @ivar queue: the L{QueueConfig}.
     """
 
     stateDirectory: str
@@ -164,6 +206,7 @@ class ServerConfig:
     timeouts: TimeoutsConfig
     limits: LimitsConfig
     tls: TLSConfig = TLSConfig()
+    queue: QueueConfig = QueueConfig()
 
 
 @attrs.frozen
@@ -199,10 +242,17 @@ class PolicyConfig:
         duplicates, in the order written.
     @ivar tls: C{"off"}, C{"offered"} or C{"required"} (left out:
         C{server.tls.policy}).
+    @ivar accountRate: messages per second one user of the domain may send
+        (token bucket, 0: no limit; draft 6.4 item 4).
+    @ivar accountBurst: the bucket's size.
+    @ivar rateExempt: addresses of the domain without a rate limit.
     """
 
     blockedDomains: tuple[str, ...] = ()
     tls: str = "offered"
+    accountRate: int = 20
+    accountBurst: int = 100
+    rateExempt: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -743,6 +793,25 @@ def _finishServer(values: dict, where: _Where) -> dict:
     return {**values, "dialbackSecretFile": secret, "adminSocket": admin}
 
 
+def _finishQueue(values: dict, where: _Where) -> dict:
+    if values["dedupeWindow"] < values["giveUpAfter"]:
+        raise where.child("dedupe_window").error(
+            "must be at least give_up_after, or a message sent again late"
+            " could be delivered twice"
+        )
+    if values["retryMax"] < values["retryInitial"]:
+        raise where.child("retry_max").error("must be at least retry_initial")
+    return values
+
+
+def _address(value: Any, where: _Where) -> str:
+    text = _nonEmptyString(value, where)
+    try:
+        return str(Address.parse(text))
+    except AddressError as e:
+        raise where.error(f"not an address: {e}") from None
+
+
 def _finishPeer(values: dict, where: _Where) -> dict:
     if values["host"] is None and values["tls"] is None and values["tlsVerify"] is None:
         raise where.error("sets nothing: give host, tls or tls_verify")
@@ -754,6 +823,11 @@ def _finishDomain(values: dict, where: _Where) -> dict:
         raise where.child("key").error("required when certificate is given")
     if values["key"] and not values["certificate"]:
         raise where.child("certificate").error("required when key is given")
+    for address in values["policy"].rateExempt:
+        if Address.parse(address).domain != values["name"]:
+            raise where.child("policy").child("rate_exempt").error(
+                f"{address} is not an address of {values['name']}"
+            )
     try:
         options = validateBackendOptions(
             values["backend"], values["backendOptions"], where.baseDirectory
@@ -811,6 +885,27 @@ _LIMITS = _table(
         8,
     ),
     _Key("max_outbound_per_peer", "maxOutboundPerPeer", _integer(1), 2),
+    _Key("max_requests_in_progress", "maxRequestsInProgress", _integer(1), 1000),
+    _Key("domain_rate", "domainRate", _integer(0), 10000),
+    _Key("domain_burst", "domainBurst", _integer(1), 20000),
+    _Key(
+        "rate_exempt_domains",
+        "rateExemptDomains",
+        _listOf(_domainName, unique=True),
+        [],
+    ),
+)
+
+_QUEUE = _table(
+    QueueConfig,
+    _Key("durability", "durability", _oneOf("full", "normal"), "full"),
+    _Key("give_up_after", "giveUpAfter", _positiveNumber, 86400.0),
+    _Key("retry_initial", "retryInitial", _positiveNumber, 5.0),
+    _Key("retry_max", "retryMax", _positiveNumber, 300.0),
+    _Key("window", "window", _integer(1, 100000), 1000),
+    _Key("max_queued", "maxQueued", _integer(1), 1000000),
+    _Key("dedupe_window", "dedupeWindow", _positiveNumber, 172800.0),
+    finish=_finishQueue,
 )
 
 _TLS = _table(
@@ -836,6 +931,7 @@ _SERVER = _table(
     _Key("timeouts", "timeouts", _TIMEOUTS, {}),
     _Key("limits", "limits", _LIMITS, {}),
     _Key("tls", "tls", _TLS, {}),
+    _Key("queue", "queue", _QUEUE, {}),
     finish=_finishServer,
 )
 
@@ -853,6 +949,9 @@ _POLICY = _table(
     PolicyConfig,
     _Key("blocked_domains", "blockedDomains", _listOf(_domainName, unique=True), []),
     _Key("tls", "tls", _optional(_oneOf(*TLS_MODES)), None),
+    _Key("account_rate", "accountRate", _integer(0), 20),
+    _Key("account_burst", "accountBurst", _integer(1), 100),
+    _Key("rate_exempt", "rateExempt", _listOf(_address, unique=True), []),
 )
 
 _DOMAIN = _table(

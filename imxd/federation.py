@@ -25,6 +25,10 @@ from imxd.dialback import DialbackError
 from imxd.peer import PeerFactory, PeerProtocol, PeerState, Refused, RemoteError
 from imxd.pool import OutboundPool
 from imxd.router import Router, dataPair
+from imxd.config import QueueConfig
+from imxd.outbox import Outbox
+from imxd.ratelimit import RateLimiter
+from imxd.store import Database, OutboundStore, SeenStore
 from imxd.waiters import Waiters
 from imxd.wire import (
     DATA_TYPES,
@@ -380,6 +384,14 @@ class FederationProtocol(PeerProtocol):
                 raise Refused(
                     ErrorCode.NOT_AUTHENTICATED,
                     f"{origin} -> {receiving} is not authenticated on this connection",
+                )
+            retryAfter = self.federation.domainRate.take(origin)
+            if retryAfter is not None:
+                raise Refused(
+                    ErrorCode.RATE_LIMITED,
+                    f"{origin} sends more than {self.federation.domainRate.rate}"
+                    " requests a second",
+                    retryAfter=retryAfter,
                 )
         except Refused as refusal:
             self.factory.count("data-refused")
@@ -811,6 +823,8 @@ class Federation(PeerFactory):
         limits,
         dialbackTimeout=15.0,
         tls=None,
+        database=None,
+        queue=None,
     ):
         """
         @param clock: an L{IReactorTime} provider.
@@ -823,8 +837,14 @@ class Federation(PeerFactory):
         @param limits: the L{imxd.config.LimitsConfig}.
         @param dialbackTimeout: seconds one dial-back may take.
         @param tls: the L{imxd.tls.TLSPolicy}, or L{None} for no TLS.
+        @param database: the L{imxd.store.Database} of the outbound queue,
+            the dedupe table and the subscriptions; a fresh one in memory
+            when L{None}.
+        @param queue: the L{imxd.config.QueueConfig}; its defaults when
+            L{None}.
         """
         super().__init__(clock, settings, capabilities=CAPABILITIES, tls=tls)
+        self.database = Database(":memory:", clock) if database is None else database
         self.aggregator = aggregator
         self.tokens = tokens
         self.secrets = secrets
@@ -833,7 +853,18 @@ class Federation(PeerFactory):
         self.pool = OutboundPool(
             self, discovery, connect, clock, maxPerPeer=limits.maxOutboundPerPeer
         )
-        self.router = Router(aggregator, self.pool)
+        queue = QueueConfig() if queue is None else queue
+        self.queue = queue
+        self.router = Router(
+            aggregator, self.pool, clock, SeenStore(self.database), queue.dedupeWindow
+        )
+        self.outbox = Outbox(
+            OutboundStore(self.database), clock, self.router.transmit, self._report, queue
+        )
+        self.router.outbox = self.outbox
+        self.domainRate = RateLimiter(
+            clock, limits.domainRate, limits.domainBurst, limits.rateExemptDomains
+        )
         self.draining = None
         self._byId = {}
 
@@ -842,6 +873,35 @@ class Federation(PeerFactory):
         @return: the canonical names of the domains hosted here.
         """
         return self.aggregator.hostedDomains()
+
+    def start(self):
+        """
+        Take up the queued messages and start the upkeep timers.
+        """
+        self.router.start()
+        self.outbox.start()
+
+    def stop(self):
+        """
+        Stop the upkeep timers and write what is pending.
+        """
+        self.outbox.stop()
+        self.router.stop()
+        self.database.commit()
+
+    def _report(self, entry, refusal):
+        """
+        Tell the sending domain's backend what became of a queued message.
+        """
+        domain = self.aggregator.domain(entry.origin)
+        if domain is None:
+            self.log.warn(
+                "delivery report for {id}: {origin} is no longer hosted here",
+                id=entry.record.messageId,
+                origin=entry.origin,
+            )
+            return
+        domain.deliveryReport(entry.record, refusal)
 
     # -- connections ----------------------------------------------------------
 
@@ -1089,6 +1149,9 @@ class Federation(PeerFactory):
         for domain, redirection in sorted(self.pool.redirections.items()):
             target = redirection.target
             lines.append((f"redirect.{domain}", f"{target.host}:{target.port}"))
+        lines.extend(self.outbox.status())
+        lines.append(("count.duplicates-suppressed", self.router.duplicates))
+        lines.append(("count.rate-limited", self.domainRate.refusals))
         for name, value in sorted(self.counters.items()):
             lines.append((f"count.{name}", value))
         return lines

@@ -15,9 +15,16 @@ Both sides of a subscription live here:
 Attribute requests are answered here too, with presence given only to
 requesters the user granted (6.2.2 item 1), and remote answers are cached
 for the TTL given (at most L{MAX_ATTRIBUTE_TTL}).
+
+Both sides, and the presence each user published last, are kept in the
+process's database (L{imxd.store.SubscriptionStore}) as they change, and
+taken up again by L{Presence.start}, so that they survive a restart of
+either server.
 """
 
 from __future__ import annotations
+
+import random
 
 import attrs
 from twisted.internet import defer
@@ -25,6 +32,7 @@ from twisted.logger import Logger
 
 from imxd.address import Address, AddressError
 from imxd.peer import Refused, RemoteError
+from imxd.store import SubscriptionStore
 from imxd import wire
 from imxd.wire import Attributes, ErrorCode, Notify, SubscriptionState
 
@@ -36,6 +44,10 @@ RENEW_AT = 0.8
 
 #: Seconds between tries to re-establish a subscription that failed.
 RETRY_INTERVAL = 30.0
+
+#: Seconds over which the wanted subscriptions are asked for again after
+#: a start, at random, so that many do not leave in one burst.
+RESUME_SPREAD = 10.0
 
 #: Seconds an attribute answer from another server is cached at most.
 MAX_ATTRIBUTE_TTL = 300
@@ -120,6 +132,68 @@ class Presence:
         self._published: dict[str, tuple[str, ...]] = {}
         self._wanted: dict[tuple[str, str], Wanted] = {}
         self._attributeCache: dict[tuple[str, str], tuple[float, dict]] = {}
+        self._sending: dict[tuple[str, str], object] = {}
+        self._store = None
+        self._stopped = False
+
+    def start(self):
+        """
+        The domain starts serving: take up what the database kept for it
+        (nothing when the domain is not part of an Aggregator with one).
+
+        Publisher side: subscriptions past their expiry are dropped, the
+        others are live again (presence fans out to them, renewals are
+        accepted), and so is the presence each user published last.
+
+        Subscriber side: every wanted subscription, whatever its state, is
+        asked for again with a SUBSCRIBE within L{RESUME_SPREAD} seconds,
+        at random.  A SUBSCRIBE rather than a RENEW, even for a granted
+        one: the publisher's server answers a SUBSCRIBE it grants with the
+        current presence (protocol.md section 12, "on grant"; imxd does so
+        for one already granted too), and this domain's backend, which
+        restarted with imxd, needs it now rather than at the next change.
+        The SUBSCRIBE renews as well.  A granted subscription whose stored
+        expiry passes before it is renewed is reported lapsed (presence
+        C{unknown}) as at any other time.
+        """
+        self._stopped = False
+        database = getattr(self.domain.parent, "database", None)
+        if database is None:
+            return
+        self._store = SubscriptionStore(database, self.domain.name)
+        stored = self._store.load()
+        now = self.clock.seconds()
+        self._subscriptions.clear()
+        for publisher, subscriber, state, expiry, requested, origin in stored.subscribers:
+            if expiry <= now:
+                self._store.removeSubscriber(publisher, subscriber)
+                continue
+            table = self._subscriptions.setdefault(publisher, {})
+            table[subscriber] = Subscription(state, expiry, requested, origin)
+        self._wanted.clear()
+        for subscriber, publisher, state, expiry in stored.wanted:
+            key = (subscriber, publisher)
+            wanted = self._wanted[key] = Wanted(state, expiry)
+            self._schedule(wanted, random.uniform(0, RESUME_SPREAD), key, wire.Subscribe)
+        for user, presence, status, attributes in stored.published:
+            self._current[user] = (presence, status)
+            self._published[user] = attributes
+
+    def stop(self):
+        """
+        The domain stops: cancel the renewals, retries and pending initial
+        presence, and from now on schedule none and write nothing (the
+        database may be closed next); what is stored is taken up again by
+        the next L{start}.
+        """
+        self._stopped = True
+        self._store = None
+        for wanted in self._wanted.values():
+            self._cancel(wanted)
+        for call in self._sending.values():
+            if call.active():
+                call.cancel()
+        self._sending.clear()
 
     @property
     def clock(self):
@@ -156,6 +230,7 @@ class Presence:
         table = self._subscriptions.get(publisher, {})
         for subscriber in [s for s, sub in table.items() if sub.expiry <= now]:
             del table[subscriber]
+            self._keepSubscriber(publisher, subscriber)
         return sorted(s for s, sub in table.items() if sub.state == "granted")
 
     def allowed(self, publisher, requester):
@@ -179,7 +254,9 @@ class Presence:
     @defer.inlineCallbacks
     def subscribeRequest(self, record):
         """
-        SUBSCRIBE or RENEW for one of this domain's users.
+        SUBSCRIBE or RENEW for one of this domain's users.  A subscription
+        granted now, or a SUBSCRIBE for one already granted, is followed by
+        the current presence (a RENEW is not).
 
         @return: a L{Deferred} firing with the L{SubscriptionState} answer.
         """
@@ -190,10 +267,14 @@ class Presence:
         now = self.clock.seconds()
         if existing is not None and existing.expiry <= now:
             del table[subscriber]
+            self._keepSubscriber(publisher, subscriber)
             existing = None
         lifetime = self._lifetime(record.expires)
         if existing is not None and existing.state == "granted":
             existing.expiry = now + lifetime
+            self._keepSubscriber(publisher, subscriber)
+            if not isinstance(record, wire.Renew):
+                self._sendSoon(publisher, subscriber)
             return self._state(publisher, subscriber, "granted", lifetime, record.origin)
         if isinstance(record, wire.Renew):
             raise Refused(
@@ -202,6 +283,7 @@ class Presence:
             )
         if existing is not None:
             existing.expiry = now + lifetime
+            self._keepSubscriber(publisher, subscriber)
             return self._state(publisher, subscriber, "pending", None, record.origin)
         decision = yield defer.maybeDeferred(
             self.backend.decideSubscription, subscriber, publisher
@@ -213,8 +295,9 @@ class Presence:
         table[subscriber] = Subscription(
             decision, self.clock.seconds() + lifetime, record.expires or 0, record.origin
         )
+        self._keepSubscriber(publisher, subscriber)
         if decision == "granted":
-            self.clock.callLater(0, self._sendCurrent, publisher, subscriber)
+            self._sendSoon(publisher, subscriber)
             return self._state(publisher, subscriber, "granted", lifetime, record.origin)
         return self._state(publisher, subscriber, "pending", None, record.origin)
 
@@ -232,7 +315,9 @@ class Presence:
         UNSUBSCRIBE: forget the subscription (there may be none).
         """
         publisher = self._own(record.publisher, "TO")
-        self._subscriptions.get(publisher, {}).pop(str(Address.parse(record.subscriber)), None)
+        subscriber = str(Address.parse(record.subscriber))
+        if self._subscriptions.get(publisher, {}).pop(subscriber, None) is not None:
+            self._keepSubscriber(publisher, subscriber)
 
     def decide(self, publisher, subscriber, grant):
         """
@@ -259,10 +344,48 @@ class Presence:
         else:
             del table[subscriber]
             state = self._state(publisher, subscriber, "denied", None, subscription.origin)
+        self._keepSubscriber(publisher, subscriber)
         told = self.domain.route(state)
         if grant:
             told.addCallback(lambda answer: self._sendCurrent(publisher, subscriber))
         return told
+
+    def _keepSubscriber(self, publisher, subscriber):
+        """
+        Write a subscription to one of this domain's users as it now is
+        (removed when it is gone).
+        """
+        if self._store is None:
+            return
+        subscription = self._subscriptions.get(publisher, {}).get(subscriber)
+        if subscription is None:
+            self._store.removeSubscriber(publisher, subscriber)
+        else:
+            self._store.putSubscriber(
+                publisher,
+                subscriber,
+                subscription.state,
+                subscription.expiry,
+                subscription.requested,
+                subscription.origin,
+            )
+
+    def _sendSoon(self, publisher, subscriber):
+        """
+        Send the current presence right after the answer that grants it.
+        """
+        if self._stopped:
+            return
+        key = (publisher, subscriber)
+        previous = self._sending.get(key)
+        if previous is not None and previous.active():
+            return
+
+        def send():
+            del self._sending[key]
+            self._sendCurrent(publisher, subscriber)
+
+        self._sending[key] = self.clock.callLater(0, send)
 
     def _sendCurrent(self, publisher, subscriber):
         """
@@ -293,6 +416,8 @@ class Presence:
             return defer.fail(e)
         self._current[user] = (presence, status)
         self._published[user] = formatAttributes(attributes or {})
+        if self._store is not None:
+            self._store.putPublished(user, presence, status, self._published[user])
         byDomain = {}
         for subscriber in self.subscribers(user):
             byDomain.setdefault(subscriber.rsplit("@", 1)[1], []).append(subscriber)
@@ -331,7 +456,9 @@ class Presence:
             key = self._wantedKey(subscriber, publisher)
         except Refused as e:
             return defer.fail(e)
-        self._wanted.setdefault(key, Wanted())
+        if key not in self._wanted:
+            self._wanted[key] = Wanted()
+            self._keepWanted(key)
         return self._request(key, wire.Subscribe)
 
     def _wantedKey(self, subscriber, publisher):
@@ -395,14 +522,31 @@ class Presence:
         elif state == "expired":
             wanted.expiry = None
             self._schedule(wanted, 0, key, wire.Subscribe)
-        if state != wanted.state:
-            wanted.state = state
+        changed = state != wanted.state
+        wanted.state = state
+        self._keepWanted(key)
+        if changed:
             defer.maybeDeferred(
                 self.backend.subscriptionChanged, subscriber, publisher, state
             ).addErrback(self._logFailure, "subscription change")
 
+    def _keepWanted(self, key):
+        """
+        Write a subscription one of this domain's users wants as it now is
+        (removed when it is no longer wanted).
+        """
+        if self._store is None:
+            return
+        wanted = self._wanted.get(key)
+        if wanted is None:
+            self._store.removeWanted(*key)
+        else:
+            self._store.putWanted(*key, wanted.state, wanted.expiry)
+
     def _schedule(self, wanted, delay, key, recordType):
         self._cancel(wanted)
+        if self._stopped:
+            return
         wanted.timer = self.clock.callLater(delay, self._due, key, recordType)
 
     def _cancel(self, wanted):
@@ -427,6 +571,7 @@ class Presence:
             if wanted.expiry <= self.clock.seconds():
                 subscriber, publisher = key
                 wanted.state = "lapsed"
+                self._keepWanted(key)
                 notify = Notify(
                     publisher=publisher, subscribers=(subscriber,), presence="unknown"
                 )
@@ -445,6 +590,7 @@ class Presence:
         wanted = self._wanted.pop((subscriber, publisher), None)
         if wanted is not None:
             self._cancel(wanted)
+            self._keepWanted((subscriber, publisher))
         told = self.domain.route(wire.Unsubscribe(subscriber=subscriber, publisher=publisher))
         return told.addErrback(self._logFailure, "UNSUBSCRIBE")
 

@@ -3,18 +3,22 @@ The router: where a Data record goes.
 
 Data from a hosted domain's backend goes to another hosted domain in
 process (requirement 6: it never touches the network) or to the outbound
-pool; Data arriving from a peer goes to the backend of the hosted domain it
-is for.  Nothing is relayed (4.3.3): a peer's Data for a domain not hosted
-here is refused before it gets this far.  A hosted domain may send only as
-its own addresses.
+pool; a MESSAGE goes through the durable outbox first (L{imxd.outbox}).
+Data arriving from a peer goes to the backend of the hosted domain it is
+for, a MESSAGE at most once per MESSAGE_ID and origin domain within the
+dedupe window.  Nothing is relayed (4.3.3): a peer's Data for a domain not
+hosted here is refused before it gets this far.  A hosted domain may send
+only as its own addresses, each account within its rate limit.
 """
 
 import attrs
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from imxd.address import Address, AddressError, normaliseDomain
 from imxd.peer import Refused
+from imxd.ratelimit import RateLimiter
 from imxd.wire import (
     DomainAttributesGet,
     ErrorCode,
@@ -83,41 +87,134 @@ def dataPair(record):
     return originDomain, domains.pop()
 
 
+#: Seconds between two prunings of the dedupe table.
+PRUNE_INTERVAL = 3600.0
+
+
 class Router:
     """
-    Routes Data between hosted domains, their backends and the outbound
-    pool.
+    Routes Data between hosted domains, their backends, the outbox and the
+    outbound pool.
+
+    @ivar outbox: the L{imxd.outbox.Outbox} messages are queued in, once
+        attached.
+    @ivar duplicates: MESSAGEs acknowledged but not delivered again.
     """
 
     log = Logger()
 
-    def __init__(self, aggregator, pool):
+    def __init__(self, aggregator, pool, clock, seen, dedupeWindow):
         """
         @param aggregator: the L{imxd.aggregator.Aggregator} (hosted domains).
         @param pool: the L{imxd.pool.OutboundPool} for remote domains.
+        @param clock: an L{IReactorTime} provider.
+        @param seen: the L{imxd.store.interfaces.ISeenStore} of MESSAGE_IDs
+            received.
+        @param dedupeWindow: seconds a MESSAGE_ID is remembered.
         """
         self.aggregator = aggregator
         self.pool = pool
+        self.clock = clock
+        self.seen = seen
+        self.dedupeWindow = dedupeWindow
+        self.outbox = None
+        self.duplicates = 0
+        self._delivering = {}
+        self._accountLimits = {}
+        self._pruner = None
+
+    def start(self):
+        """
+        Prune the dedupe table now and every L{PRUNE_INTERVAL} seconds.
+        """
+        self._pruner = task.LoopingCall(self.prune)
+        self._pruner.clock = self.clock
+        self._pruner.start(PRUNE_INTERVAL, now=True)
+
+    def stop(self):
+        """
+        Stop pruning.
+        """
+        if self._pruner is not None and self._pruner.running:
+            self._pruner.stop()
+
+    def prune(self):
+        """
+        Forget the MESSAGE_IDs older than the dedupe window.
+        """
+        self.seen.prune(self.clock.seconds() - self.dedupeWindow)
+
+    def _checked(self, record, fromDomain):
+        """
+        @return: the C{(origin, receiving)} pair of a record a hosted domain
+            sends.
+        @raise Refused: C{malformed}, or C{sender-mismatch} when it is not
+            from an address of C{fromDomain}.
+        """
+        origin, receiving = dataPair(record)
+        if origin != fromDomain:
+            raise Refused(
+                ErrorCode.SENDER_MISMATCH, f"{fromDomain} may send only as its own addresses"
+            )
+        return origin, receiving
 
     def send(self, record, fromDomain):
         """
-        Send a Data record on behalf of the hosted domain C{fromDomain}.
+        Send a Data record on behalf of the hosted domain C{fromDomain}, in
+        one try, without queueing (presence and attribute requests).
 
         @return: a L{Deferred} firing when the receiving server (or, for a
             domain hosted here, its backend) has accepted the record, or
             failing with L{Refused}.
         """
         try:
-            origin, receiving = dataPair(record)
+            origin, receiving = self._checked(record, fromDomain)
         except Refused as e:
             return defer.fail(e)
-        if origin != fromDomain:
-            return defer.fail(
-                Refused(
-                    ErrorCode.SENDER_MISMATCH,
-                    f"{fromDomain} may send only as its own addresses",
-                )
+        return self.transmit(origin, receiving, record)
+
+    def submit(self, message, fromDomain):
+        """
+        Accept a MESSAGE from the hosted domain C{fromDomain}: check it and
+        the sender's rate limit, then queue it durably in the outbox.
+
+        @return: a L{Deferred} firing with L{None} once the message is
+            accepted (a delivery report follows through the backend's
+            C{deliveryReport}), or failing with L{Refused}.
+        """
+        try:
+            origin, receiving = self._checked(message, fromDomain)
+            self._withinRate(message.sender, fromDomain)
+        except Refused as e:
+            return defer.fail(e)
+        return self.outbox.submit(origin, receiving, message)
+
+    def _withinRate(self, sender, fromDomain):
+        """
+        @raise Refused: C{rate-limited}, when C{sender} is over its
+            domain's C{account_rate}.
+        """
+        limiter = self._accountLimits.get(fromDomain)
+        if limiter is None:
+            policy = self.aggregator.domain(fromDomain).config.policy
+            limiter = self._accountLimits[fromDomain] = RateLimiter(
+                self.clock, policy.accountRate, policy.accountBurst, policy.rateExempt
             )
+        retryAfter = limiter.take(sender)
+        if retryAfter is not None:
+            raise Refused(
+                ErrorCode.RATE_LIMITED,
+                f"{sender} sends more than {limiter.rate} messages a second",
+                retryAfter=retryAfter,
+            )
+
+    def transmit(self, origin, receiving, record):
+        """
+        Hand a checked record to a domain hosted here or to the pool, once.
+
+        @return: a L{Deferred} firing with the answer, or failing with
+            L{Refused}.
+        """
         if self.aggregator.domain(receiving) is not None:
             return self.deliver(record, origin, receiving)
         return self.pool.send((origin, receiving), record)
@@ -126,12 +223,17 @@ class Router:
         """
         Hand a record for a hosted domain to that domain (its backend, or
         its presence service), without the tag it had on its connection.
+        A MESSAGE whose MESSAGE_ID was already received from C{origin}
+        within the dedupe window is acknowledged without being delivered
+        again; one that is still being delivered gets the first copy's
+        answer.
 
         @param origin: the authenticated (or hosted) origin domain.
         @param receiving: the hosted domain it is for.
-        @return: a L{Deferred} firing once it has been accepted, with the
-            response record for requests that have one (L{None} for an
-            ACK), or failing with L{Refused}.
+        @return: a L{Deferred} firing once it has been accepted (for a
+            MESSAGE: and its id durably remembered), with the response
+            record for requests that have one (L{None} for an ACK), or
+            failing with L{Refused}.
         """
         domain = self.aggregator.domain(receiving)
         if domain is None:
@@ -144,4 +246,35 @@ class Router:
             )
         if record.tag:
             record = attrs.evolve(record, tag=0)
-        return domain.receive(record)
+        if not isinstance(record, Message):
+            return domain.receive(record)
+        key = (origin, record.messageId)
+        copies = self._delivering.get(key)
+        if copies is not None:
+            copy = defer.Deferred()
+            copies.append(copy)
+            return copy
+        if self.seen.contains(*key):
+            self.duplicates += 1
+            return defer.succeed(None)
+        self._delivering[key] = []
+        delivered = domain.receive(record)
+        delivered.addCallback(self._remember, key)
+        return delivered.addBoth(self._settled, key)
+
+    def _remember(self, _, key):
+        self.seen.add(*key, self.clock.seconds())
+        return self.seen.committed()
+
+    def _settled(self, result, key):
+        """
+        Give the copies that came while delivering the first one its
+        outcome.
+        """
+        for copy in self._delivering.pop(key):
+            if isinstance(result, Failure):
+                copy.errback(result)
+            else:
+                self.duplicates += 1
+                copy.callback(None)
+        return result

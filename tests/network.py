@@ -249,7 +249,11 @@ class Network:
         Move bytes on every connection until none moves.
         """
         for _ in range(MAX_ROUNDS):
-            moved = False
+            # What is due now (the stores' grouped commits) runs first.
+            moved = bool(self.clock.getDelayedCalls()) and any(
+                call.getTime() <= self.clock.seconds() for call in self.clock.getDelayedCalls()
+            )
+            self.clock.advance(0)
             for pump in list(self.pumps):
                 moved = pump.pump() or moved
             if not moved:

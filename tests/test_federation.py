@@ -55,15 +55,16 @@ def backendOf(server, domain):
 def send(server, record, domain=None):
     """
     Send C{record} from a hosted domain of C{server} (by default the first
-    one it hosts).
+    one it hosts) in one try, past the outbox (whose queueing and retries
+    are tested in C{test_outbox}).
 
-    @return: the L{Deferred} of the send.
+    @return: the L{Deferred} of the send: the receiver's answer.
     """
     if domain is None:
         domain = record.sender.split("@")[1]
         if server.aggregator.domain(domain) is None:
             domain = min(server.hostedDomains())
-    return server.aggregator.domain(domain).sendMessage(record)
+    return server.aggregator.domain(domain).route(record)
 
 
 class FederationTestsMixin:

@@ -19,6 +19,7 @@ from imxd.backend.local import store as storemodule
 from imxd.backend.local.api import ClientAPI
 from imxd.backend.local.backend import LocalBackend, validateOptions
 from imxd.backend.local.store import AccountStore
+from imxd import outbox as outboxmodule
 from imxd.testing import BackendContractMixin
 from imxd.wire import Message
 from tests.network import Network
@@ -651,7 +652,9 @@ class LocalFederationTests(SynchronousTestCase):
     def test_capRefusesTemporarily(self):
         """
         With the cap of kept messages reached, more are refused with the
-        temporary recipient-unavailable, which the sender hears of.
+        temporary recipient-unavailable: the sending server keeps the
+        message and tries again, and it arrives once the recipient has read
+        the others.
         """
         self.patch(storemodule, "OFFLINE_CAP", 2)
         alice = self.client("alice@alpha.test")
@@ -659,8 +662,14 @@ class LocalFederationTests(SynchronousTestCase):
         for n in range(3):
             alice.call("POST", "messages", {"to": "bob@beta.test", "body": str(n)})
         self.settle()
-        [failure] = alice.named("delivery-failure")
-        self.assertEqual((failure["error"], failure["temporary"]), ("recipient-unavailable", True))
+        self.assertEqual(alice.named("delivery-failure"), [])
+        self.assertIn("depth=1", dict(self.alpha.status())["queue.beta.test"])
+        bob = self.client("bob@beta.test")
+        bob.listen()
+        self.network.advance(outboxmodule.SWEEP_INTERVAL, step=5)
+        self.settle()
+        self.assertEqual([m["body"] for m in bob.named("message")], ["0", "1", "2"])
+        self.assertEqual(alice.named("delivery-failure"), [])
 
     def test_expiredMessagesBounce(self):
         """

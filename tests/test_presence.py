@@ -317,6 +317,15 @@ class MessageCheckTests(PresenceTestsMixin, SynchronousTestCase):
     The receiving domain checks a MESSAGE's declared type and size only.
     """
 
+    def refusalOf(self, record):
+        """
+        @return: the refusal the sender's backend was told of for
+            C{record} (a L{RemoteError}).
+        """
+        [(sent, refusal)] = [r for r in self.backend(record.sender).reports if r[0] == record]
+        self.assertIsInstance(refusal, RemoteError)
+        return refusal
+
     def test_wrongType(self):
         """
         A media type the recipient's domain does not accept is refused with
@@ -325,12 +334,8 @@ class MessageCheckTests(PresenceTestsMixin, SynchronousTestCase):
         record = attrs.evolve(
             message("alice@a.test", "bob@b.test"), contentType="image/png", body=b"\x89PNG"
         )
-        sent = self.domain("alice@a.test").sendMessage(record)
-        self.network.flush()
-        self.assertEqual(
-            self.failureResultOf(sent, RemoteError).value.code,
-            ErrorCode.MEDIA_TYPE_REFUSED,
-        )
+        self.assertIsNone(self.settle(self.domain("alice@a.test").sendMessage(record)))
+        self.assertEqual(self.refusalOf(record).code, ErrorCode.MEDIA_TYPE_REFUSED)
         self.assertEqual(self.backend("bob@b.test").messages, [])
 
     def test_tooLarge(self):
@@ -340,11 +345,8 @@ class MessageCheckTests(PresenceTestsMixin, SynchronousTestCase):
         """
         limit = self.domain("bob@b.test").config.maxMessageSize
         big = message("alice@a.test", "bob@b.test", "big", body=b"x" * (limit + 1))
-        sent = self.domain("alice@a.test").sendMessage(big)
-        self.network.flush()
-        self.assertEqual(
-            self.failureResultOf(sent, RemoteError).value.code, ErrorCode.MESSAGE_TOO_LARGE
-        )
+        self.settle(self.domain("alice@a.test").sendMessage(big))
+        self.assertEqual(self.refusalOf(big).code, ErrorCode.MESSAGE_TOO_LARGE)
         fits = message("alice@a.test", "bob@b.test", "fits", body=b"x" * limit)
         self.settle(self.domain("alice@a.test").sendMessage(fits))
         self.assertEqual(len(self.backend("bob@b.test").messages), 1)

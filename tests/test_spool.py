@@ -1030,7 +1030,8 @@ class FederationTests(SpoolTestsMixin, SynchronousTestCase):
         record = message("bob@b.test", "alice@a.test", "m-7", body=b"Hi Alice")
         sent = self.b.aggregator.domain("b.test").sendMessage(record)
         self.network.flush()
-        self.assertIsInstance(self.successResultOf(sent), Ack)
+        self.assertIsNone(self.successResultOf(sent))
+        self.assertEqual(self.b.aggregator.domain("b.test").backend.reports, [(record, None)])
         (name,) = self.listing("inbox")
         self.assertEqual(
             self.readJSON("inbox", name),

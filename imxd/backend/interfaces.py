@@ -50,7 +50,26 @@ class IBackend(Interface):
         @return: a L{Deferred} that fires with L{None} when the backend has
             accepted the message (delivered or stored), or fails with
             L{imxd.peer.Refused} (C{unknown-user}, C{blocked},
-            C{recipient-unavailable}, ...).
+            C{recipient-unavailable}, ...).  imxd hands each MESSAGE_ID of
+            a sending domain over once; only if imxd is killed between the
+            backend's acceptance and its own record of it can the same
+            message come a second time, so a backend that can should take
+            a repeated C{(sender, messageId)} as the message it already
+            has.
+        """
+
+    def deliveryReport(message, refusal):
+        """
+        What became of a message this domain sent (one the backend gave
+        L{IDomainService.sendMessage} and imxd accepted): delivered to the
+        receiving server, or failed for good.  Called once per accepted
+        message, after a restart of imxd too.
+
+        @param message: the L{imxd.wire.Message} as it was sent.
+        @param refusal: L{None} when delivered, else the L{imxd.peer.Refused}
+            saying why it was not (its code and text; a message given up
+            after C{give_up_after} carries the last temporary error).
+        @return: L{None} or a L{Deferred}.
         """
 
     def deliverNotification(notification):
@@ -110,9 +129,15 @@ class IDomainService(Interface):
         """
         Send a message from a user of this domain.
 
-        @param message: an L{imxd.wire.Message} with tag 0.
-        @return: a L{Deferred} firing once the receiving server has
-            accepted it, or failing with L{imxd.peer.Refused}.
+        @param message: an L{imxd.wire.Message} with tag 0; its MESSAGE_ID
+            must be unique for the sender's domain (receivers drop a second
+            message with the same id as a duplicate).
+        @return: a L{Deferred} firing with L{None} once imxd has accepted
+            the message (written to its durable queue), or failing with
+            L{imxd.peer.Refused} when it is refused at once (C{malformed},
+            C{sender-mismatch}, C{rate-limited}, C{resource-limit}).  The
+            outcome of an accepted message comes later, in
+            L{IBackend.deliveryReport}.
         """
 
     def subscribe(subscriber, publisher):

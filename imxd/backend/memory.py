@@ -40,6 +40,8 @@ class MemoryBackend:
     @ivar domain: the normalised name of the hosted domain served.
     @ivar messages: the messages delivered, oldest first.
     @ivar notifications: the notifications delivered, oldest first.
+    @ivar reports: C{(message, refusal)} for each delivery report on a
+        message this domain sent (C{refusal} L{None}: delivered).
     """
 
     def __init__(self, domain: str) -> None:
@@ -55,6 +57,7 @@ class MemoryBackend:
         self.attributes: dict[str, dict[str, str]] = {}
         self.messages: list[Any] = []
         self.notifications: list[Any] = []
+        self.reports: list[tuple[Any, Any]] = []
 
     @classmethod
     def fromConfig(cls, domainConfig: Any) -> "MemoryBackend":
@@ -86,6 +89,12 @@ class MemoryBackend:
         """
         self.messages.append(message)
         return succeed(None)
+
+    def deliveryReport(self, message: Any, refusal: Any) -> None:
+        """
+        Record the report; see L{IBackend.deliveryReport}.
+        """
+        self.reports.append((message, refusal))
 
     def decideSubscription(self, subscriber: str, publisher: str) -> Deferred[str]:
         """

@@ -7,10 +7,13 @@ Layout under the C{directory} option::
 
     outbox/   JSON files to send; write them elsewhere (tmp/) and rename
               them in, so that imxd never reads half a file
-    sent/     files moved here once the receiving server accepted them
-    failed/   files moved here when refused, each with NAME.error beside it
-              ({"code", "error", "text"})
-    inbox/    one JSON file per message delivered to the domain's users
+    sent/     files moved here once imxd accepted them (queued durably)
+    failed/   files moved here when refused at once, each with NAME.error
+              beside it ({"code", "error", "text"}); a message that fails
+              later (refused by the receiving server, or given up) is
+              moved here from sent/ the same way, as ID.json
+    inbox/    one JSON file per message delivered to the domain's users,
+              named TIME-SERIAL-DIGEST.json (DIGEST: of sender and id)
     tmp/      scratch space for atomic writes
 
 An outbox file holds C{{"from", "to", "body"}} and optionally C{"id"}
@@ -18,12 +21,16 @@ An outbox file holds C{{"from", "to", "body"}} and optionally C{"id"}
 C{text/plain; charset=utf-8}).  An inbox file holds C{from}, C{to}, C{id},
 C{content_type} and C{body} (text), or C{body_base64} when the body is not
 UTF-8.
+
+A message already in the inbox when imxd starts is not written again if it
+comes a second time (imxd killed between writing it and recording its id).
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import itertools
 import json
 import os
@@ -41,8 +48,8 @@ from imxd.wire import ErrorCode, Message
 #: Outbox files picked up per poll at most.
 BATCH = 1000
 
-#: Seconds a message refused with a temporary error is retried before it
-#: is given up and moved to C{failed/}.
+#: Seconds a message that imxd refused for now (its queue full, shutting
+#: down) is tried again before it is moved to C{failed/}.
 GIVE_UP_AFTER = 86400.0
 
 #: The longest wait between two tries of one message, in seconds.
@@ -101,6 +108,8 @@ class SpoolBackend:
         self._inFlight: set[str] = set()
         self._retries: dict[str, tuple[float, int, float]] = {}
         self._serial = itertools.count()
+        self._inboxDigests: set[str] = set()
+        self.duplicates = 0
 
     @classmethod
     def fromConfig(cls, domainConfig: Any) -> "SpoolBackend":
@@ -136,6 +145,11 @@ class SpoolBackend:
         Poll the outbox from now on; see L{IBackend.start}.
         """
         self.prepare()
+        self._inboxDigests = {
+            name[:-5].rpartition("-")[2]
+            for name in os.listdir(self._path("inbox"))
+            if name.endswith(".json")
+        }
         self._sender = sender
         self._poller = task.LoopingCall(self.poll)
         self._poller.clock = sender.clock
@@ -210,8 +224,8 @@ class SpoolBackend:
 
     def _settle(self, name: str, refusal: Any) -> None:
         """
-        Move a sent file to C{sent/}, or a refused one to C{failed/} with
-        its reason beside it.
+        Move an accepted file to C{sent/}, or a refused one to C{failed/}
+        with its reason beside it.
         """
         self._inFlight.discard(name)
         if refusal is not None and refusal.temporary and self._later(name, refusal):
@@ -222,9 +236,7 @@ class SpoolBackend:
             if refusal is None:
                 os.replace(source, self._path("sent", name))
                 return
-            report = {"code": refusal.code, "error": refusal.token, "text": refusal.text}
-            self._writeAtomically(self._path("failed", name + ".error"), report)
-            os.replace(source, self._path("failed", name))
+            self._fail(source, name, refusal)
         except OSError as e:
             self.log.error("cannot settle {name}: {e}", name=name, e=e)
         if refusal is not None:
@@ -258,6 +270,38 @@ class SpoolBackend:
         )
         return True
 
+    def _fail(self, source: str, name: str, refusal: Refused) -> None:
+        """
+        Move C{source} to C{failed/NAME} with its reason in NAME.error.
+        """
+        report = {"code": refusal.code, "error": refusal.token, "text": refusal.text}
+        self._writeAtomically(self._path("failed", name + ".error"), report)
+        os.replace(source, self._path("failed", name))
+
+    def deliveryReport(self, message: Message, refusal: Any) -> None:
+        """
+        A message imxd accepted failed for good: move C{sent/ID.json} to
+        C{failed/} with its reason (or write it there again when the sent
+        file is gone); see L{IBackend.deliveryReport}.
+        """
+        if refusal is None:
+            return
+        name = _safeName(message.messageId) + ".json"
+        source = self._path("sent", name)
+        try:
+            if not os.path.exists(source):
+                self._writeAtomically(self._path("tmp", name), _document(message))
+                source = self._path("tmp", name)
+            self._fail(source, name, refusal)
+        except OSError as e:
+            self.log.error("cannot record the failure of {name}: {e}", name=name, e=e)
+        self.log.info(
+            "{domain}: {name} failed: {refusal}",
+            domain=self.domain,
+            name=name,
+            refusal=str(refusal),
+        )
+
     # -- receiving ------------------------------------------------------------
 
     def deliverMessage(self, message: Message) -> defer.Deferred:
@@ -266,20 +310,16 @@ class SpoolBackend:
         L{IBackend.deliverMessage}.  A write that fails is reported as
         C{recipient-unavailable}, so the sender retries.
         """
-        document = {
-            "from": message.sender,
-            "to": message.recipient,
-            "id": message.messageId,
-            "content_type": message.contentType,
-        }
-        try:
-            document["body"] = message.body.decode("utf-8")
-        except UnicodeDecodeError:
-            document["body_base64"] = base64.b64encode(message.body).decode("ascii")
+        digest = hashlib.sha256(
+            f"{message.sender}\0{message.messageId}".encode("utf-8")
+        ).hexdigest()[:24]
+        if digest in self._inboxDigests:
+            self.duplicates += 1
+            return defer.succeed(None)
         now = int(self._sender.clock.seconds() * 1000) if self._sender else 0
-        name = f"{now:015d}-{next(self._serial):08d}.json"
+        name = f"{now:015d}-{next(self._serial):08d}-{digest}.json"
         try:
-            self._writeAtomically(self._path("inbox", name), document)
+            self._writeAtomically(self._path("inbox", name), _document(message))
         except OSError as e:
             return defer.fail(
                 Refused(ErrorCode.RECIPIENT_UNAVAILABLE, f"spool write failed: {e.strerror}")
@@ -337,6 +377,32 @@ def _text(data: dict, key: str) -> str:
     if not isinstance(value, str):
         raise ValueError(f'"{key}" must be a string')
     return value
+
+
+def _document(message: Message) -> dict:
+    """
+    @return: the JSON document of a message, as inbox files hold it.
+    """
+    document = {
+        "from": message.sender,
+        "to": message.recipient,
+        "id": message.messageId,
+        "content_type": message.contentType,
+    }
+    try:
+        document["body"] = message.body.decode("utf-8")
+    except UnicodeDecodeError:
+        document["body_base64"] = base64.b64encode(message.body).decode("ascii")
+    return document
+
+
+def _safeName(text: str) -> str:
+    """
+    @return: C{text} with every character but letters, digits, C{.},
+        C{_} and C{-} replaced by C{_} (a MESSAGE_ID as a file name).
+    """
+    safe = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "_" for c in text)
+    return safe.lstrip(".") or "_"
 
 
 def _refusal(failure: Any) -> Refused:

@@ -380,7 +380,25 @@ class LocalBackend:
         return messageId
 
     def _sendFailed(self, failure, user, to, messageId):
-        token, text, temporary = failureOf(failure)
+        self._reportFailure(user, to, messageId, *failureOf(failure))
+
+    def deliveryReport(self, message, refusal):
+        """
+        A message a user sent failed for good: tell the user with a
+        C{delivery-failure} event; see L{IBackend.deliveryReport}.  Reports
+        on failure reports themselves are only logged.
+        """
+        if refusal is None:
+            return
+        if message.sender.rpartition("@")[0] == POSTMASTER:
+            self._reportLost(message.recipient, str(refusal))
+            return
+        self._reportFailure(
+            message.sender, message.recipient, message.messageId,
+            refusal.token, refusal.text or refusal.token, refusal.temporary,
+        )
+
+    def _reportFailure(self, user, to, messageId, token, text, temporary):
         self.log.info(
             "{domain}: message {id} from {user} to {to} failed: {why}",
             domain=self.domain, id=messageId, user=user, to=to, why=f"{token}: {text}",
@@ -579,10 +597,13 @@ class LocalBackend:
             body=body.body,
         )
         self.sender.sendMessage(report).addErrback(
-            lambda failure: self.log.info(
-                "{domain}: failure report to {to} not delivered: {why}",
-                domain=self.domain, to=sender, why=failure.getErrorMessage(),
-            )
+            lambda failure: self._reportLost(sender, failure.getErrorMessage())
+        )
+
+    def _reportLost(self, to, why):
+        self.log.info(
+            "{domain}: failure report to {to} not delivered: {why}",
+            domain=self.domain, to=to, why=why,
         )
 
     def __repr__(self) -> str:

@@ -1,0 +1,419 @@
+"""
+The outbox: durable delivery of the messages hosted domains send.
+
+A message accepted from a backend is written to the durable queue
+(L{imxd.store.interfaces.IOutboundStore}) before the backend hears that it
+was accepted.  It leaves the queue when the receiving server (or, for a
+domain hosted here, its backend) acknowledges it, or when it is given up:
+refused permanently, or not delivered within C{give_up_after}.  Either way
+the sending domain's backend then gets a delivery report
+(L{imxd.backend.interfaces.IBackend.deliveryReport}).
+
+Each destination domain has its own L{DestinationQueue}: at most C{window}
+messages in flight, sent in the order accepted.  When the destination cannot
+be reached (no connection, dial-back or TLS refused, no answer, rate limited,
+shutting down), the queue backs off as a whole: exponential delays with
+jitter up to C{retry_max}; meanwhile new messages wait without new
+connection attempts, and after the delay one message probes before the
+window opens again.  A message the receiving server refuses for now on its
+own account (C{recipient-unavailable}) waits alone, with its own backoff,
+and the rest of the queue goes on.  See C{docs/reliability.md}.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import operator
+import random
+
+import attrs
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from imxd.peer import Refused, RemoteError
+from imxd.wire import ErrorCode
+
+#: Seconds between two sweeps for messages past their give-up age.
+SWEEP_INTERVAL = 60.0
+
+#: Remote refusals that concern one message, not its destination.
+_PER_MESSAGE = frozenset({ErrorCode.RECIPIENT_UNAVAILABLE})
+
+_bySeq = operator.attrgetter("seq")
+
+
+@attrs.define(eq=False)
+class DestinationQueue:
+    """
+    The messages for one destination domain and its retry state.
+
+    @ivar remote: the destination domain.
+    @ivar waiting: messages to send, in the order accepted.
+    @ivar inFlight: messages sent and not yet answered, by sequence number.
+    @ivar delayed: messages refused for now on their own account, each
+        waiting for its C{notBefore}.
+    @ivar failures: tries of the destination that failed in a row.
+    @ivar retryAt: clock seconds of the next try while backing off, or
+        L{None}.
+    @ivar lastError: why the destination or a message last failed.
+    """
+
+    remote: str
+    waiting: collections.deque = attrs.Factory(collections.deque)
+    inFlight: dict = attrs.Factory(dict)
+    delayed: list = attrs.Factory(list)
+    failures: int = 0
+    retryAt: float | None = None
+    lastError: str | None = None
+    timer: object = None
+    returned: list = attrs.Factory(list)
+    pumping: bool = False
+
+    def depth(self):
+        """
+        @return: how many messages this queue holds.
+        """
+        return len(self.waiting) + len(self.inFlight) + len(self.delayed) + len(self.returned)
+
+    def entries(self):
+        """
+        @return: every message this queue holds.
+        """
+        return [*self.inFlight.values(), *self.returned, *self.waiting, *self.delayed]
+
+
+class Outbox:
+    """
+    Every message accepted from the hosted domains' backends until it is
+    delivered or given up.
+
+    @ivar depth: messages held.
+    @ivar counters: C{delivered}, C{failed}, C{given-up}, C{retries}.
+    """
+
+    log = Logger()
+
+    def __init__(self, store, clock, transmit, report, settings, randomness=random.random):
+        """
+        @param store: an L{imxd.store.interfaces.IOutboundStore}.
+        @param clock: an L{IReactorTime} provider.
+        @param transmit: C{transmit(origin, remote, record)} returning a
+            L{Deferred} that fires when the receiver acknowledged the
+            record, or fails with L{Refused}.
+        @param report: C{report(entry, refusal)} telling the sending
+            domain's backend the outcome (C{refusal} L{None}: delivered).
+        @param settings: the L{imxd.config.QueueConfig}.
+        @param randomness: returns a float in [0, 1) for the jitter.
+        """
+        self.store = store
+        self.clock = clock
+        self.transmit = transmit
+        self.report = report
+        self.settings = settings
+        self.random = randomness
+        self.queues: dict[str, DestinationQueue] = {}
+        self.depth = 0
+        self.counters = collections.Counter()
+        self._sweeper = None
+
+    # -- life -----------------------------------------------------------------
+
+    def start(self):
+        """
+        Take up the messages kept from before (after a restart) and start
+        the give-up sweep.
+        """
+        for entry in self.store.load():
+            self._queue(entry.remote).waiting.append(entry)
+            self.depth += 1
+        if self.depth:
+            self.log.info(
+                "outbox: {count} messages kept from before, for {domains} domains",
+                count=self.depth,
+                domains=len(self.queues),
+            )
+        for queue in list(self.queues.values()):
+            self._pump(queue)
+        self._sweeper = task.LoopingCall(self.sweep)
+        self._sweeper.clock = self.clock
+        self._sweeper.start(SWEEP_INTERVAL, now=False)
+
+    def stop(self):
+        """
+        Stop every timer; what is queued stays in the store.
+        """
+        if self._sweeper is not None and self._sweeper.running:
+            self._sweeper.stop()
+        for queue in self.queues.values():
+            self._cancel(queue)
+
+    # -- accepting ------------------------------------------------------------
+
+    def submit(self, origin, remote, record):
+        """
+        Accept a message from the hosted domain C{origin} for C{remote}.
+
+        @return: a L{Deferred} firing with L{None} once the message is in
+            the durable queue, or failing with L{Refused}
+            (C{resource-limit} when the queue is full, C{temporary-failure}
+            when it cannot be written).
+        """
+        if self.depth >= self.settings.maxQueued:
+            self.counters["refused-full"] += 1
+            return defer.fail(
+                Refused(
+                    ErrorCode.RESOURCE_LIMIT,
+                    f"the outbound queue is full ({self.settings.maxQueued} messages)",
+                )
+            )
+        entry = self.store.add(origin, remote, record, self.clock.seconds())
+        self.depth += 1
+        stored = self.store.committed()
+        stored.addCallbacks(self._accepted, self._notStored, (entry,), None, (entry,))
+        return stored
+
+    def _accepted(self, _, entry):
+        queue = self._queue(entry.remote)
+        queue.waiting.append(entry)
+        self._pump(queue)
+
+    def _notStored(self, failure, entry):
+        self.depth -= 1
+        raise Refused(
+            ErrorCode.TEMPORARY_FAILURE, f"the message could not be queued: {failure.value}"
+        )
+
+    def _queue(self, remote):
+        queue = self.queues.get(remote)
+        if queue is None:
+            queue = self.queues[remote] = DestinationQueue(remote)
+        return queue
+
+    # -- sending --------------------------------------------------------------
+
+    def _pump(self, queue):
+        """
+        Send what the queue's window allows, unless it is backing off.
+        """
+        if queue.pumping:
+            return
+        queue.pumping = True
+        try:
+            if queue.returned:
+                returned = sorted(queue.returned, key=_bySeq)
+                queue.returned = []
+                queue.waiting = collections.deque(
+                    heapq.merge(returned, queue.waiting, key=_bySeq)
+                )
+            # Answers that come at once may change the window or start a
+            # backoff, so both are read again after every send.
+            while (
+                queue.waiting
+                and queue.retryAt is None
+                and len(queue.inFlight) < (1 if queue.failures else self.settings.window)
+            ):
+                entry = queue.waiting.popleft()
+                queue.inFlight[entry.seq] = entry
+                sent = defer.maybeDeferred(self.transmit, entry.origin, entry.remote, entry.record)
+                sent.addCallbacks(self._delivered, self._failed, (entry,), None, (entry,))
+        finally:
+            queue.pumping = False
+        if not queue.depth() and queue.timer is None:
+            del self.queues[queue.remote]
+
+    def _delivered(self, _, entry):
+        queue = self._queue(entry.remote)
+        queue.inFlight.pop(entry.seq, None)
+        queue.failures = 0
+        self.counters["delivered"] += 1
+        self._finish(entry, None)
+        self._pump(queue)
+
+    def _failed(self, failure, entry):
+        queue = self._queue(entry.remote)
+        queue.inFlight.pop(entry.seq, None)
+        if failure.check(Refused):
+            refusal = failure.value
+        else:
+            self.log.failure("outbox: sending to {remote} failed", failure, remote=entry.remote)
+            refusal = Refused(ErrorCode.INTERNAL_ERROR, failure.getErrorMessage())
+        entry.lastError = queue.lastError = str(refusal)
+        if not refusal.temporary:
+            self.counters["failed"] += 1
+            self._finish(entry, refusal)
+        elif self._tooOld(entry):
+            self._giveUp(entry, refusal)
+        elif isinstance(refusal, RemoteError) and refusal.code in _PER_MESSAGE:
+            self._delay(queue, entry, refusal)
+        else:
+            queue.returned.append(entry)
+            self._backOff(queue, refusal)
+        self._pump(queue)
+
+    def _finish(self, entry, refusal):
+        """
+        The message leaves the queue: forget it and tell its sender.
+        """
+        self.store.remove(entry.seq)
+        self.depth -= 1
+        try:
+            self.report(entry, refusal)
+        except Exception:
+            self.log.failure("outbox: delivery report for {id} failed", id=entry.record.messageId)
+
+    def _tooOld(self, entry):
+        return self.clock.seconds() - entry.accepted >= self.settings.giveUpAfter
+
+    def _giveUp(self, entry, refusal):
+        self.counters["given-up"] += 1
+        self.log.info(
+            "outbox: giving up message {id} to {remote}: not delivered within {age:g} s: {why}",
+            id=entry.record.messageId,
+            remote=entry.remote,
+            age=self.settings.giveUpAfter,
+            why=str(refusal),
+        )
+        self._finish(
+            entry,
+            Refused(
+                refusal.code,
+                f"not delivered within {self.settings.giveUpAfter:g} s; last error: "
+                f"{refusal.text or refusal.token}",
+            ),
+        )
+
+    def _backoffDelay(self, failures):
+        """
+        @return: seconds to wait after C{failures} failures in a row:
+            doubling from C{retry_initial} up to C{retry_max}, then scaled
+            by a random factor in [0.5, 1).
+        """
+        base = min(
+            self.settings.retryMax, self.settings.retryInitial * 2 ** min(failures - 1, 32)
+        )
+        return base * (0.5 + self.random() / 2)
+
+    def _backOff(self, queue, refusal):
+        """
+        The destination failed: wait before the next try (once per failure,
+        however many messages were in flight).
+        """
+        if queue.retryAt is not None:
+            return
+        queue.failures += 1
+        delay = refusal.retryAfter or self._backoffDelay(queue.failures)
+        queue.retryAt = self.clock.seconds() + delay
+        self.counters["retries"] += 1
+        self.log.info(
+            "outbox: {remote} failed ({why}); {count} messages wait {delay:.1f} s",
+            remote=queue.remote,
+            why=str(refusal),
+            count=queue.depth(),
+            delay=delay,
+        )
+        self._wakeAt(queue)
+
+    def _delay(self, queue, entry, refusal):
+        """
+        The receiving server refused one message for now: it alone waits.
+        """
+        entry.attempts += 1
+        delay = refusal.retryAfter or self._backoffDelay(entry.attempts)
+        entry.notBefore = self.clock.seconds() + delay
+        queue.delayed.append(entry)
+        self._wakeAt(queue)
+
+    def _wakeAt(self, queue):
+        """
+        Set the queue's one timer to its next due time: the end of its
+        backoff, or the first delayed message's.
+        """
+        self._cancel(queue)
+        times = [e.notBefore for e in queue.delayed]
+        if queue.retryAt is not None:
+            times.append(queue.retryAt)
+        if times:
+            delay = max(0.0, min(times) - self.clock.seconds())
+            queue.timer = self.clock.callLater(delay, self._wake, queue)
+
+    def _cancel(self, queue):
+        if queue.timer is not None and queue.timer.active():
+            queue.timer.cancel()
+        queue.timer = None
+
+    def _wake(self, queue):
+        queue.timer = None
+        now = self.clock.seconds()
+        if queue.retryAt is not None and queue.retryAt <= now:
+            queue.retryAt = None
+        due = [e for e in queue.delayed if e.notBefore <= now]
+        if due:
+            queue.delayed = [e for e in queue.delayed if e.notBefore > now]
+            queue.returned.extend(due)
+        self._wakeAt(queue)
+        self._pump(queue)
+
+    def retryNow(self, remote=None):
+        """
+        End the backoff of one destination (or of all) and send at once.
+
+        @return: the destinations woken.
+        """
+        woken = []
+        for queue in list(self.queues.values()):
+            if remote is not None and queue.remote != remote:
+                continue
+            queue.retryAt = None
+            for entry in queue.delayed:
+                entry.notBefore = 0.0
+            self._wake(queue)
+            woken.append(queue.remote)
+        return woken
+
+    # -- upkeep -------------------------------------------------------------------
+
+    def sweep(self):
+        """
+        Give up the messages waiting past C{give_up_after}.
+        """
+        for queue in list(self.queues.values()):
+            old = [e for e in (*queue.waiting, *queue.delayed) if self._tooOld(e)]
+            if not old:
+                continue
+            gone = {e.seq for e in old}
+            queue.waiting = collections.deque(e for e in queue.waiting if e.seq not in gone)
+            queue.delayed = [e for e in queue.delayed if e.seq not in gone]
+            why = Refused(ErrorCode.TEMPORARY_FAILURE, queue.lastError or "not tried")
+            for entry in old:
+                self._giveUp(entry, why)
+            self._wakeAt(queue)
+            self._pump(queue)
+
+    def status(self):
+        """
+        @return: C{(name, value)} lines for C{imxctl status}: the queue's
+            totals, then one line per destination that holds messages.
+        """
+        now = self.clock.seconds()
+        lines = [("queue-depth", str(self.depth))]
+        lines += [(f"queue-{name}", str(self.counters[name]))
+                  for name in ("delivered", "failed", "given-up", "retries")]
+        for remote in sorted(self.queues):
+            queue = self.queues[remote]
+            entries = queue.entries()
+            if not entries:
+                continue
+            oldest = now - min(e.accepted for e in entries)
+            parts = [
+                f"depth={len(entries)}",
+                f"in-flight={len(queue.inFlight)}",
+                f"oldest={oldest:.0f}s",
+            ]
+            if queue.retryAt is not None:
+                parts.append(f"retry-in={max(0.0, queue.retryAt - now):.0f}s")
+                parts.append(f"failures={queue.failures}")
+            if queue.lastError:
+                parts.append(f"last-error={queue.lastError}")
+            lines.append((f"queue.{remote}", " ".join(parts)))
+        return lines

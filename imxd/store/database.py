@@ -1,0 +1,157 @@
+"""
+One SQLite database written in grouped transactions.
+
+Writers queue statements with L{Database.write}; everything queued during
+one turn of the reactor is committed in one transaction (one fsync with
+C{durability = "full"}), and L{Database.committed} tells a caller when its
+writes are safe.  Reads see committed data only, so callers that must see
+their own pending writes keep them in memory until they are committed.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+#: C{server.queue.durability} values and the SQLite C{synchronous} setting
+#: each one uses (in WAL mode).  C{full}: a commit is on disk before the
+#: writers hear of it (it survives a power loss).  C{normal}: a commit is
+#: in the operating system before they hear of it (it survives imxd being
+#: killed, not a power loss or a kernel crash).
+DURABILITY_MODES = {"full": "FULL", "normal": "NORMAL"}
+
+
+class StoreError(Exception):
+    """
+    The database could not be opened or written; the message says why.
+    """
+
+
+class Database:
+    """
+    A SQLite database shared by imxd's stores, with grouped commits.
+
+    @ivar path: the file, or C{":memory:"}.
+    @ivar commits: transactions committed so far.
+    @ivar writes: statements committed so far.
+    """
+
+    log = Logger()
+
+    def __init__(self, path, clock, durability="full"):
+        """
+        Open (or create, mode 0600) the database.
+
+        @param path: a file path, or C{":memory:"} for tests.
+        @param clock: an L{IReactorTime}; commits are scheduled on it.
+        @param durability: a key of L{DURABILITY_MODES}.
+        @raise StoreError: the file cannot be opened.
+        """
+        if durability not in DURABILITY_MODES:
+            raise StoreError(f"unknown durability {durability!r}")
+        self.path = path
+        self.clock = clock
+        self.durability = durability
+        try:
+            if path != ":memory:" and not os.path.exists(path):
+                os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={DURABILITY_MODES[durability]}")
+        except (OSError, sqlite3.Error) as e:
+            raise StoreError(f"cannot open {path}: {e}") from None
+        self._pending = []
+        self._waiting = []
+        self._call = None
+        self.commits = 0
+        self.writes = 0
+
+    def schema(self, script):
+        """
+        Create tables and indexes (C{CREATE ... IF NOT EXISTS}) at once.
+        """
+        try:
+            self._db.executescript(script)
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot prepare {self.path}: {e}") from None
+
+    def read(self, sql, parameters=()):
+        """
+        @return: the rows of a query over committed data, as a list.
+        """
+        return self._db.execute(sql, parameters).fetchall()
+
+    def write(self, sql, parameters=()):
+        """
+        Queue one statement for the next grouped commit.
+        """
+        self._pending.append((sql, parameters))
+        self._schedule()
+
+    def writeMany(self, sql, sequence):
+        """
+        Queue one statement run for every parameter tuple of C{sequence}.
+        """
+        self._pending.append((sql, sequence, True))
+        self._schedule()
+
+    def committed(self):
+        """
+        @return: a L{Deferred} firing once everything queued so far is
+            committed, or failing with L{StoreError}.
+        """
+        waiting = defer.Deferred()
+        if not self._pending:
+            waiting.callback(None)
+            return waiting
+        self._waiting.append(waiting)
+        return waiting
+
+    def _schedule(self):
+        if self._call is None:
+            self._call = self.clock.callLater(0, self.commit)
+
+    def commit(self):
+        """
+        Commit everything queued, in one transaction, and tell those
+        waiting for it.
+        """
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        pending, self._pending = self._pending, []
+        waiting, self._waiting = self._waiting, []
+        if not pending:
+            for each in waiting:
+                each.callback(None)
+            return
+        try:
+            self._db.execute("BEGIN")
+            for statement in pending:
+                if len(statement) == 3:
+                    self._db.executemany(statement[0], statement[1])
+                else:
+                    self._db.execute(*statement)
+            self._db.execute("COMMIT")
+        except sqlite3.Error as e:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            self.log.error("cannot write {path}: {e}", path=self.path, e=e)
+            error = StoreError(f"cannot write {self.path}: {e}")
+            for each in waiting:
+                each.errback(error)
+            return
+        self.commits += 1
+        self.writes += len(pending)
+        for each in waiting:
+            each.callback(None)
+
+    def close(self):
+        """
+        Commit what is queued and close the file.
+        """
+        self.commit()
+        self._db.close()

@@ -1,0 +1,66 @@
+"""
+What imxd asks of the stores behind its outbound queue and its dedupe
+table, so that a shared database can replace the SQLite ones.
+"""
+
+from zope.interface import Interface
+
+
+class IOutboundStore(Interface):
+    """
+    The durable outbound queue: every message accepted from a backend
+    until it is acknowledged or given up.
+    """
+
+    def add(origin, remote, record, accepted):
+        """
+        Keep a message (written with the next grouped commit).
+
+        @return: its L{imxd.store.QueuedMessage}, with a sequence number
+            that orders it after every message added before.
+        """
+
+    def remove(seq):
+        """
+        Forget the message numbered C{seq} (delivered or given up).
+        """
+
+    def load():
+        """
+        @return: every message kept, in the order they were added.
+        """
+
+    def committed():
+        """
+        @return: a L{Deferred} firing once every change so far is durable.
+        """
+
+
+class ISeenStore(Interface):
+    """
+    The message ids received, by authenticated origin domain, for the
+    dedupe window.
+    """
+
+    def contains(origin, messageId):
+        """
+        @return: whether a message with this id from this origin domain was
+            received within the window.
+        """
+
+    def add(origin, messageId, at):
+        """
+        Remember a message received at clock time C{at}.
+        """
+
+    def prune(before):
+        """
+        Forget the messages received before clock time C{before}.
+
+        @return: how many were forgotten.
+        """
+
+    def committed():
+        """
+        @return: a L{Deferred} firing once every change so far is durable.
+        """
