@@ -209,9 +209,12 @@ class Server:
 
     def outcome(self, domain: str, name: str):
         """
-        @return: C{"sent"}, the failure report (a dict), or L{None} while
-            the file is still in the outbox.
+        @return: C{"delivered"}, C{"sent"} (accepted, in imxd's queue),
+            the failure report (a dict), or L{None} while the file is still
+            in the outbox.
         """
+        if os.path.exists(self.spool(domain, "delivered", name)):
+            return "delivered"
         if os.path.exists(self.spool(domain, "sent", name)):
             return "sent"
         report = self.spool(domain, "failed", name + ".error")
@@ -222,12 +225,13 @@ class Server:
 
     def waitSent(self, domain: str, name: str) -> None:
         """
-        Wait until the receiving server has accepted the file's message.
+        Wait until the receiving server has acknowledged the file's message.
         """
         outcome = waitFor(
-            lambda: self.outcome(domain, name), f"{name} to leave {domain}'s outbox"
+            lambda: self.outcome(domain, name) not in (None, "sent") and self.outcome(domain, name),
+            f"{name} to be delivered from {domain}",
         )
-        if outcome != "sent":
+        if outcome != "delivered":
             raise AssertionError(f"{name} failed: {outcome}\n{self.output()}")
 
     def inbox(self, domain: str):

@@ -215,20 +215,21 @@ class LiveTLS:
     def senderFailure(self, server, domain, name):
         """
         Wait (bounded) until the spool of C{domain} on C{server} reports the
-        outbox file C{name} refused: given up (moved to C{failed/} with its
-        report) or kept for another try (logged).  Either way the message
-        was not accepted.
+        outbox file C{name} refused (moved to C{failed/} with its report),
+        or the sending server's outbox logs that its destination failed and
+        the message waits for another try.  Either way the message was not
+        delivered.
 
         @return: the refusal as C{"<code> <token>: <text>"} for a report,
             or the log line.
         """
         def refused():
             outcome = server.outcome(domain, name)
-            if outcome == "sent":
-                raise AssertionError(f"{name} was accepted\n{self.logs()}")
-            if outcome is not None:
+            if outcome == "delivered":
+                raise AssertionError(f"{name} was delivered\n{self.logs()}")
+            if isinstance(outcome, dict):
                 return f"{outcome['code']} {outcome['error']}: {outcome['text']}"
-            lines = server.logLines(f"{domain}: {name} refused for now")
+            lines = server.logLines("outbox: ", " failed (", "messages wait")
             return lines[0] if lines else None
 
         try:
@@ -419,7 +420,7 @@ class TLSPeeringTests(LiveTLS, unittest.TestCase):
                            "531 tls-failed: certificate of stale.test: certificate has expired"),
             alpha.output(),
         )
-        self.assertNotEqual(alpha.outcome("alpha.test", name), "sent")
+        self.assertNotEqual(alpha.outcome("alpha.test", name), "delivered")
         self.assertEqual(stale.inbox("stale.test"), [])
         self.assertEqual(int(alpha.status().get("count.tls-upgrades", 0)), 0)
         self.assertGreaterEqual(int(alpha.status().get("count.tls-failures", 0)), 1)

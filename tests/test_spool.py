@@ -243,7 +243,7 @@ class LayoutTests(SpoolTestsMixin, SynchronousTestCase):
         self.assertFalse(os.path.exists(os.path.join(self.base, "x")))
         self.start()
         self.assertEqual(
-            self.listing("."), sorted(["outbox", "sent", "failed", "inbox", "tmp"])
+            self.listing("."), sorted(["outbox", "sent", "delivered", "failed", "inbox", "tmp"])
         )
         self.assertEqual(set(SUBDIRECTORIES), set(self.listing(".")))
         for name in SUBDIRECTORIES:
@@ -1010,7 +1010,8 @@ class FederationTests(SpoolTestsMixin, SynchronousTestCase):
             ],
         )
         self.assertEqual(self.listing("outbox"), [])
-        self.assertEqual(self.listing("sent"), ["hello.json"])
+        self.assertEqual(self.listing("sent"), [])
+        self.assertEqual(self.listing("delivered"), ["hello.json"])
 
     def test_senderMismatch(self):
         """

@@ -8,10 +8,12 @@ Layout under the C{directory} option::
     outbox/   JSON files to send; write them elsewhere (tmp/) and rename
               them in, so that imxd never reads half a file
     sent/     files moved here once imxd accepted them (queued durably)
+    delivered/ files moved here from sent/ once the receiving server
+              acknowledged them
     failed/   files moved here when refused at once, each with NAME.error
               beside it ({"code", "error", "text"}); a message that fails
               later (refused by the receiving server, or given up) is
-              moved here from sent/ the same way, as ID.json
+              moved here from sent/ the same way
     inbox/    one JSON file per message delivered to the domain's users,
               named TIME-SERIAL-DIGEST.json (DIGEST: of sender and id)
     tmp/      scratch space for atomic writes
@@ -56,7 +58,7 @@ GIVE_UP_AFTER = 86400.0
 MAX_BACKOFF = 300.0
 
 #: The sub-directories of a spool.
-SUBDIRECTORIES = ("outbox", "sent", "failed", "inbox", "tmp")
+SUBDIRECTORIES = ("outbox", "sent", "delivered", "failed", "inbox", "tmp")
 
 
 def validateOptions(options: Mapping[str, Any], baseDirectory: str = ".") -> dict:
@@ -109,6 +111,7 @@ class SpoolBackend:
         self._retries: dict[str, tuple[float, int, float]] = {}
         self._serial = itertools.count()
         self._inboxDigests: set[str] = set()
+        self._sentNames: dict[str, str] = {}
         self.duplicates = 0
 
     @classmethod
@@ -186,7 +189,7 @@ class SpoolBackend:
                 continue
             sent = self._sender.sendMessage(record)
             sent.addCallbacks(
-                lambda _, name=name: self._settle(name, None),
+                lambda _, name=name, id=record.messageId: self._settle(name, None, id),
                 lambda failure, name=name: self._settle(name, _refusal(failure)),
             )
 
@@ -222,7 +225,7 @@ class SpoolBackend:
         except (OSError, ValueError, TypeError) as e:
             raise Refused(ErrorCode.MALFORMED, f"{name}: {e}") from None
 
-    def _settle(self, name: str, refusal: Any) -> None:
+    def _settle(self, name: str, refusal: Any, messageId: str = "") -> None:
         """
         Move an accepted file to C{sent/}, or a refused one to C{failed/}
         with its reason beside it.
@@ -235,6 +238,7 @@ class SpoolBackend:
         try:
             if refusal is None:
                 os.replace(source, self._path("sent", name))
+                self._sentNames[messageId] = name
                 return
             self._fail(source, name, refusal)
         except OSError as e:
@@ -280,21 +284,27 @@ class SpoolBackend:
 
     def deliveryReport(self, message: Message, refusal: Any) -> None:
         """
-        A message imxd accepted failed for good: move C{sent/ID.json} to
-        C{failed/} with its reason (or write it there again when the sent
-        file is gone); see L{IBackend.deliveryReport}.
+        Move the message's file from C{sent/} to C{delivered/}, or to
+        C{failed/} with its reason (written there again if the sent file
+        is gone); see L{IBackend.deliveryReport}.  The file is found by the
+        name it had (or, after a restart, as C{ID.json}).
         """
-        if refusal is None:
-            return
-        name = _safeName(message.messageId) + ".json"
+        name = self._sentNames.pop(message.messageId, None)
+        if name is None:
+            name = _safeName(message.messageId) + ".json"
         source = self._path("sent", name)
         try:
+            if refusal is None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(source, self._path("delivered", name))
+                return
             if not os.path.exists(source):
                 self._writeAtomically(self._path("tmp", name), _document(message))
                 source = self._path("tmp", name)
             self._fail(source, name, refusal)
         except OSError as e:
-            self.log.error("cannot record the failure of {name}: {e}", name=name, e=e)
+            self.log.error("cannot settle {name}: {e}", name=name, e=e)
+            return
         self.log.info(
             "{domain}: {name} failed: {refusal}",
             domain=self.domain,
