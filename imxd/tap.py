@@ -79,6 +79,7 @@ def makeService(options: Options, reactor: Any = None) -> Aggregator:
     from imxd.federation import Federation
     from imxd.peer import PeerSettings
     from imxd.pool import tcpConnector
+    from imxd.store import Database, StoreError
     from imxd.tls import TLSError, TLSPolicy
 
     config = options.config
@@ -114,6 +115,14 @@ def makeService(options: Options, reactor: Any = None) -> Aggregator:
         maxRecordSize=server.limits.maxRecordSize,
         software=server.software,
     )
+    try:
+        database = Database(
+            os.path.join(server.stateDirectory, DATABASE_NAME),
+            reactor,
+            server.queue.durability,
+        )
+    except StoreError as e:
+        raise SystemExit(f"imxd: {config.path}: server.state_dir: {e}")
     resolver = makeResolver(reactor, server.dnsServers)
     discovery = Discovery(
         resolver,
@@ -133,6 +142,8 @@ def makeService(options: Options, reactor: Any = None) -> Aggregator:
         server.limits,
         dialbackTimeout=server.timeouts.dialback,
         tls=tls,
+        database=database,
+        queue=server.queue,
     )
     aggregator.attachFederation(federation)
     for index, description in enumerate(server.listen):
@@ -171,6 +182,10 @@ def makeResolver(reactor: Any, servers: tuple) -> Any:
         dns = client.Resolver(resolv="/etc/resolv.conf", reactor=reactor)
     return resolve.ResolverChain([hosts.Resolver(), dns])
 
+
+#: The file in the state directory holding the outbound queue, the dedupe
+#: table and the presence subscriptions.
+DATABASE_NAME = "imxd.sqlite3"
 
 #: The longest path a UNIX socket address holds on common systems.
 UNIX_PATH_MAX = 107
