@@ -856,7 +856,12 @@ class Federation(PeerFactory):
         queue = QueueConfig() if queue is None else queue
         self.queue = queue
         self.router = Router(
-            aggregator, self.pool, clock, SeenStore(self.database), queue.dedupeWindow
+            aggregator,
+            self.pool,
+            clock,
+            SeenStore(self.database),
+            queue.dedupeWindow,
+            limits.maxRequestsInProgress,
         )
         self.outbox = Outbox(
             OutboundStore(self.database), clock, self.router.transmit, self._report, queue
@@ -1152,6 +1157,7 @@ class Federation(PeerFactory):
         lines.extend(self.outbox.status())
         lines.append(("count.duplicates-suppressed", self.router.duplicates))
         lines.append(("count.rate-limited", self.domainRate.refusals))
+        lines.append(("count.busy-refusals", self.router.busyRefusals))
         for name, value in sorted(self.counters.items()):
             lines.append((f"count.{name}", value))
         return lines

@@ -20,7 +20,7 @@ import itertools
 
 import attrs
 from twisted.internet import defer
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -185,7 +185,7 @@ def negotiateVersion(ours, theirs):
     return chosen
 
 
-@implementer(IHandshakeListener)
+@implementer(IHandshakeListener, IPushProducer)
 class PeerProtocol(Protocol):
     """
     One IMX connection, in either direction.
@@ -199,6 +199,11 @@ class PeerProtocol(Protocol):
     @ivar tlsDescription: the TLS version and cipher, once TLS is active.
     @ivar closeReason: the L{Refused} this side or the peer closed the
         connection with, if any.
+
+    The protocol is the producer of its own transport's writes: when the
+    peer does not read what this side writes and the transport's buffer
+    fills, reading from the peer pauses until the buffer drains, so a peer
+    cannot make the server buffer without bound.
     """
 
     log = Logger()
@@ -237,6 +242,7 @@ class PeerProtocol(Protocol):
         self._tlsHandshakeDone = False
         self._upgradeTag = 0
         self._announced = ()
+        self._pausedFor = set()
 
     # -- life -------------------------------------------------------------
 
@@ -247,9 +253,49 @@ class PeerProtocol(Protocol):
         setNoDelay = getattr(self.transport, "setTcpNoDelay", None)
         if setNoDelay is not None:
             setNoDelay(True)
+        self.transport.registerProducer(self, True)
         self.factory.connectionOpened(self)
         self._greet()
         self._restartHandshakeClock()
+
+    # -- back-pressure -------------------------------------------------------
+
+    def pauseReading(self, reason):
+        """
+        Stop reading from the peer for C{reason}; reading resumes once every
+        reason is gone.
+        """
+        if not self._pausedFor and self.transport is not None:
+            self.transport.pauseProducing()
+            self.factory.count("reads-paused")
+        self._pausedFor.add(reason)
+
+    def resumeReading(self, reason):
+        """
+        C{reason} to pause reading is gone.
+        """
+        if reason not in self._pausedFor:
+            return
+        self._pausedFor.discard(reason)
+        if not self._pausedFor and self.state is not PeerState.CLOSED:
+            self.transport.resumeProducing()
+
+    def pauseProducing(self):
+        """
+        The transport's write buffer is full: stop reading until it drains.
+        """
+        self.pauseReading("writes")
+
+    def resumeProducing(self):
+        """
+        The transport's write buffer drained.
+        """
+        self.resumeReading("writes")
+
+    def stopProducing(self):
+        """
+        The transport is going away; nothing to stop.
+        """
 
     def _greet(self):
         """

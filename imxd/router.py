@@ -11,6 +11,8 @@ hosted here is refused before it gets this far.  A hosted domain may send
 only as its own addresses, each account within its rate limit.
 """
 
+import collections
+
 import attrs
 from twisted.internet import defer, task
 from twisted.logger import Logger
@@ -103,7 +105,7 @@ class Router:
 
     log = Logger()
 
-    def __init__(self, aggregator, pool, clock, seen, dedupeWindow):
+    def __init__(self, aggregator, pool, clock, seen, dedupeWindow, maxInProgress=1000):
         """
         @param aggregator: the L{imxd.aggregator.Aggregator} (hosted domains).
         @param pool: the L{imxd.pool.OutboundPool} for remote domains.
@@ -111,6 +113,9 @@ class Router:
         @param seen: the L{imxd.store.interfaces.ISeenStore} of MESSAGE_IDs
             received.
         @param dedupeWindow: seconds a MESSAGE_ID is remembered.
+        @param maxInProgress: records one hosted domain may be handling at
+            once; more are refused for now (C{resource-limit}), so a slow
+            backend slows its senders without holding up other domains.
         """
         self.aggregator = aggregator
         self.pool = pool
@@ -119,6 +124,9 @@ class Router:
         self.dedupeWindow = dedupeWindow
         self.outbox = None
         self.duplicates = 0
+        self.busyRefusals = 0
+        self.maxInProgress = maxInProgress
+        self._inProgress = collections.Counter()
         self._delivering = {}
         self._accountLimits = {}
         self._pruner = None
@@ -244,8 +252,31 @@ class Router:
             return defer.fail(
                 Refused(ErrorCode.BLOCKED, f"{receiving} does not accept traffic from {origin}")
             )
+        if self._inProgress[receiving] >= self.maxInProgress:
+            self.busyRefusals += 1
+            return defer.fail(
+                Refused(
+                    ErrorCode.RESOURCE_LIMIT,
+                    f"{receiving} is handling {self.maxInProgress} requests; try again shortly",
+                    retryAfter=1,
+                )
+            )
         if record.tag:
             record = attrs.evolve(record, tag=0)
+        self._inProgress[receiving] += 1
+        received = self._receive(domain, record, origin)
+        return received.addBoth(self._handled, receiving)
+
+    def _handled(self, result, receiving):
+        self._inProgress[receiving] -= 1
+        if not self._inProgress[receiving]:
+            del self._inProgress[receiving]
+        return result
+
+    def _receive(self, domain, record, origin):
+        """
+        Hand a record to its domain, a MESSAGE once per id and origin.
+        """
         if not isinstance(record, Message):
             return domain.receive(record)
         key = (origin, record.messageId)

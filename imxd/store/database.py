@@ -66,6 +66,7 @@ class Database:
         self._pending = []
         self._waiting = []
         self._call = None
+        self._closed = False
         self.commits = 0
         self.writes = 0
 
@@ -124,6 +125,14 @@ class Database:
         self._call = None
         pending, self._pending = self._pending, []
         waiting, self._waiting = self._waiting, []
+        if self._closed:
+            if pending:
+                self.log.error(
+                    "{path} is closed: {count} writes not made", path=self.path, count=len(pending)
+                )
+            for each in waiting:
+                each.errback(StoreError(f"{self.path} is closed"))
+            return
         if not pending:
             for each in waiting:
                 each.callback(None)
@@ -151,7 +160,10 @@ class Database:
 
     def close(self):
         """
-        Commit what is queued and close the file.
+        Commit what is queued and close the file (once).
         """
+        if self._closed:
+            return
         self.commit()
+        self._closed = True
         self._db.close()
