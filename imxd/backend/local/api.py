@@ -483,6 +483,7 @@ class ClientAPI(resource.Resource):
         self.sessions.revoke(self._token(request))
         return 204
 
+    @defer.inlineCallbacks
     def sendMessage(self, request):
         user, backend = self._user(request)
         body = self._body(request)
@@ -492,7 +493,7 @@ class ClientAPI(resource.Resource):
         headers = _field(body, "headers", dict, required=False) or {}
         if not all(isinstance(v, str) for v in headers.values()):
             raise APIError(400, "bad-request", "headers: values must be strings")
-        messageId = backend.sendMessage(user, to, text, mediaType, tuple(headers.items()))
+        messageId = yield backend.sendMessage(user, to, text, mediaType, tuple(headers.items()))
         return 202, {"id": messageId}
 
     def setPresence(self, request):

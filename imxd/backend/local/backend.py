@@ -358,10 +358,12 @@ class LocalBackend:
 
     def sendMessage(self, user, to, text, mediaType=content.PLAIN, headers=()):
         """
-        Compose and send a message from C{user}; a later refusal reaches
+        Compose and send a message from C{user}; a later failure reaches
         the user as a C{delivery-failure} event.
 
-        @return: the message id.
+        @return: a L{Deferred} firing with the message id once imxd has
+            accepted the message (durably queued), or failing with
+            L{Refused} (C{rate-limited}, C{resource-limit}, ...).
         @raise Refused: the message is refused at once (C{malformed},
             C{media-type-refused}, C{message-too-large}).
         """
@@ -376,11 +378,7 @@ class LocalBackend:
             body=body.body,
             attributes=formatAttributes({"alias": a} if (a := self.store.alias(user)) else {}),
         )
-        self.sender.sendMessage(message).addErrback(self._sendFailed, user, to, messageId)
-        return messageId
-
-    def _sendFailed(self, failure, user, to, messageId):
-        self._reportFailure(user, to, messageId, *failureOf(failure))
+        return self.sender.sendMessage(message).addCallback(lambda _: messageId)
 
     def deliveryReport(self, message, refusal):
         """
