@@ -14,10 +14,12 @@ messages in flight, sent in the order accepted.  When the destination cannot
 be reached (no connection, dial-back or TLS refused, no answer, rate limited,
 shutting down), the queue backs off as a whole: exponential delays with
 jitter up to C{retry_max}; meanwhile new messages wait without new
-connection attempts, and after the delay one message probes before the
-window opens again.  A message the receiving server refuses for now on its
-own account (C{recipient-unavailable}) waits alone, with its own backoff,
-and the rest of the queue goes on.  See C{docs/reliability.md}.
+connection attempts.  After the delay one message probes, and the window
+opens again as TCP's slow start does: one more message in flight for each
+one acknowledged, so a destination that is still failing (or rate
+limiting) is not sent a whole window at once.  A message the receiving
+server refuses for now on its own account (C{recipient-unavailable}) waits
+alone, with its own backoff, and the rest of the queue goes on.  See C{docs/reliability.md}.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ class DestinationQueue:
     @ivar inFlight: messages sent and not yet answered, by sequence number.
     @ivar delayed: messages refused for now on their own account, each
         waiting for its C{notBefore}.
+    @ivar window: messages it may have in flight now (1 after a failure,
+        one more for each acknowledgement, up to the configured window).
     @ivar failures: tries of the destination that failed in a row.
     @ivar retryAt: clock seconds of the next try while backing off, or
         L{None}.
@@ -63,6 +67,7 @@ class DestinationQueue:
     waiting: collections.deque = attrs.Factory(collections.deque)
     inFlight: dict = attrs.Factory(dict)
     delayed: list = attrs.Factory(list)
+    window: int = 1
     failures: int = 0
     retryAt: float | None = None
     lastError: str | None = None
@@ -187,7 +192,7 @@ class Outbox:
     def _queue(self, remote):
         queue = self.queues.get(remote)
         if queue is None:
-            queue = self.queues[remote] = DestinationQueue(remote)
+            queue = self.queues[remote] = DestinationQueue(remote, window=self.settings.window)
         return queue
 
     # -- sending --------------------------------------------------------------
@@ -208,11 +213,7 @@ class Outbox:
                 )
             # Answers that come at once may change the window or start a
             # backoff, so both are read again after every send.
-            while (
-                queue.waiting
-                and queue.retryAt is None
-                and len(queue.inFlight) < (1 if queue.failures else self.settings.window)
-            ):
+            while queue.waiting and queue.retryAt is None and len(queue.inFlight) < queue.window:
                 entry = queue.waiting.popleft()
                 queue.inFlight[entry.seq] = entry
                 sent = defer.maybeDeferred(self.transmit, entry.origin, entry.remote, entry.record)
@@ -226,6 +227,7 @@ class Outbox:
         queue = self._queue(entry.remote)
         queue.inFlight.pop(entry.seq, None)
         queue.failures = 0
+        queue.window = min(self.settings.window, queue.window + 1)
         self.counters["delivered"] += 1
         self._finish(entry, None)
         self._pump(queue)
@@ -299,6 +301,7 @@ class Outbox:
         The destination failed: wait before the next try (once per failure,
         however many messages were in flight).
         """
+        queue.window = 1
         if queue.retryAt is not None:
             return
         queue.failures += 1
@@ -408,6 +411,7 @@ class Outbox:
             parts = [
                 f"depth={len(entries)}",
                 f"in-flight={len(queue.inFlight)}",
+                f"window={queue.window}",
                 f"oldest={oldest:.0f}s",
             ]
             if queue.retryAt is not None:

@@ -52,11 +52,13 @@ class Server:
     """
 
     def __init__(self, base: str, name: str, host: str, domains, port=None, backend="spool",
-                 domainOptions=None, apiTLS=None):
+                 domainOptions=None, apiTLS=None, serverLines=()):
         """
         @param backend: C{"spool"} or C{"local"}; a local server's client
             API listens on C{host:apiPort}.
         @param domainOptions: extra TOML lines per domain name.
+        @param serverLines: extra TOML lines after the server's own tables
+            (C{[server.queue]}, C{[server.limits]}, ...).
         @param apiTLS: C{(certificate, key)} PEM paths to serve the client
             API over HTTPS, or L{None}.
         """
@@ -68,6 +70,7 @@ class Server:
         self.apiPort = freePort(host)
         self.domainOptions = domainOptions or {}
         self.domains = list(domains)
+        self.serverLines = list(serverLines)
         self.directory = os.path.join(base, name)
         os.makedirs(self.directory, exist_ok=True)
         self.process = None
@@ -85,6 +88,7 @@ class Server:
             "[server.timeouts]",
             "connect = 2.0",
             "dialback = 5.0",
+            *self.serverLines,
         ]
         for domain in self.domains:
             lines += [
