@@ -19,7 +19,8 @@ opens again as TCP's slow start does: one more message in flight for each
 one acknowledged, so a destination that is still failing (or rate
 limiting) is not sent a whole window at once.  A message the receiving
 server refuses for now on its own account (C{recipient-unavailable}) waits
-alone, with its own backoff, and the rest of the queue goes on.  See C{docs/reliability.md}.
+alone, with its own backoff, and the rest of the queue goes on.  See
+C{docs/reliability.md}.
 """
 
 from __future__ import annotations
@@ -220,7 +221,7 @@ class Outbox:
                 sent.addCallbacks(self._delivered, self._failed, (entry,), None, (entry,))
         finally:
             queue.pumping = False
-        if not queue.depth() and queue.timer is None:
+        if not queue.depth() and queue.timer is None and self.queues.get(queue.remote) is queue:
             del self.queues[queue.remote]
 
     def _delivered(self, _, entry):
@@ -370,6 +371,7 @@ class Outbox:
             queue.retryAt = None
             for entry in queue.delayed:
                 entry.notBefore = 0.0
+            self._cancel(queue)
             self._wake(queue)
             woken.append(queue.remote)
         return woken

@@ -24,8 +24,13 @@ import time
 import unittest
 
 import pytest
+from twisted.trial.unittest import SynchronousTestCase
 
+from imxd.federation import FederationProtocol
+from imxd.peer import PeerState
+from imxd.wire import DialbackKey
 from tests.live import DNSServer, Server, waitFor
+from tests.network import Network, message
 
 #: Messages per stream.
 STREAM = 10000
@@ -268,3 +273,70 @@ class AbuseTests(FaultTestsMixin, unittest.TestCase):
         # 500 messages at 20 a second after a burst of 20 take 24 s at least.
         self.assertGreater(elapsed, 20.0)
         print(f"rate limit: B refused {refusals} requests with 402")
+
+
+class KeyIgnoringProtocol(FederationProtocol):
+    """
+    A receiving server's connection that never answers DIALBACK_KEY.
+    """
+
+    def _ignore(self, record):
+        pass
+
+
+KeyIgnoringProtocol.stateTables = {
+    **FederationProtocol.stateTables,
+    PeerState.OPEN: {
+        **FederationProtocol.stateTables[PeerState.OPEN],
+        DialbackKey: KeyIgnoringProtocol._ignore,
+    },
+}
+
+
+class SilentDialbackTests(SynchronousTestCase):
+    """
+    In memory: a receiving server that never answers dial-back.
+    """
+
+    def test_messagesStayQueued(self):
+        """
+        B takes A's connection but never answers DIALBACK_KEY: the pair
+        stays unauthenticated, no message reaches B's backend or is
+        reported failed, A keeps all of them queued and tries again only
+        on its backoff timer (a handful of connections in ten minutes, not
+        one per message); once B answers, all are delivered in order.
+        """
+        network = Network()
+        a = network.server("10.0.0.1", ["a.test"])
+        b = network.server("10.0.0.2", ["b.test"])
+        b.protocol = KeyIgnoringProtocol
+        opened = []
+        connect = a.pool._connect
+        a.pool._connect = lambda *args: opened.append(args) or connect(*args)
+        sender = a.aggregator.domain("a.test")
+        records = [message("alice@a.test", "bob@b.test", f"m{n}") for n in range(50)]
+        for record in records:
+            self.assertIsNone(self.successResultOf_(network, sender.sendMessage(record)))
+        network.advance(600, step=5)
+        self.assertEqual(b.aggregator.domain("b.test").backend.messages, [])
+        self.assertEqual(sender.backend.reports, [])
+        for connection in b.connections:
+            self.assertEqual(connection.receivablePairs, set())
+        status = dict(a.status())
+        self.assertIn("depth=50", status["queue.b.test"])
+        self.assertIn("dial-back", status["queue.b.test"])
+        self.assertLessEqual(len(opened), 12)
+        b.protocol = FederationProtocol
+        for connection in list(b.connections):
+            connection.transport.abortConnection()
+        network.flush()
+        a.outbox.retryNow("b.test")
+        network.advance(30, step=1)
+        self.assertEqual(b.aggregator.domain("b.test").backend.messages, records)
+        self.assertEqual([r for _, r in sender.backend.reports], [None] * 50)
+        print(f"\nsilent dial-back: 50 messages kept 600 s with {len(opened)} connections opened,"
+              " then delivered in order")
+
+    def successResultOf_(self, network, deferred):
+        network.flush()
+        return self.successResultOf(deferred)
