@@ -643,6 +643,8 @@ class Presence:
         if server is not None:
             values["max-record-size"] = str(server.limits.maxRecordSize)
             values["idle-timeout"] = f"{server.timeouts.idle:g}"
+            if server.limits.domainRate:
+                values["rate-limit"] = f"{server.limits.domainRate}/1"
         return values
 
     @defer.inlineCallbacks

@@ -310,6 +310,7 @@ class AttributeTests(PresenceTestsMixin, SynchronousTestCase):
         self.assertEqual(values["accepted-types"], "text/plain,text/html-lite")
         self.assertEqual(values["max-record-size"], "65536")
         self.assertEqual(values["idle-timeout"], "600")
+        self.assertEqual(values["rate-limit"], "10000/1")
 
 
 class MessageCheckTests(PresenceTestsMixin, SynchronousTestCase):
