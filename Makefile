@@ -8,7 +8,7 @@ PYTHON ?= python3
 PYTEST_ARGS ?= -q -p no:cacheprovider
 CONFIG ?= etc/imxd.toml
 
-.PHONY: run test demo clean
+.PHONY: run test quicktest demo clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	@if ! $(PYTHON) -m venv $(VENV); then \
@@ -29,6 +29,9 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS) tests
+
+quicktest: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS) -m "not slow" tests
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/python demo/demo.py

@@ -12,6 +12,8 @@ added to C{PYTHONPATH}.
 from __future__ import annotations
 
 import os
+import re
+import select
 import signal
 import socket
 import subprocess
@@ -105,6 +107,43 @@ class LaunchTestsMixin:
         if process.poll() is None:
             os.kill(process.pid, signal.SIGKILL)
         process.communicate(timeout=WAIT)
+
+    def startOnAnyPort(self, config: str) -> tuple:
+        """
+        Write C{config} (listening on port 0) and start C{twistd -n imxd}
+        on it; read its log (bounded) until the listener names the port
+        the kernel chose (so that no other process can take the port
+        between choosing and binding it), then wait until the server
+        greets a connection.
+
+        @return: C{(process, port, log lines read so far)}.
+        """
+        path = self.write("imxd.toml", config)
+        process = self.spawn("-n", "--pidfile=", "imxd", "--config", path)
+        deadline = time.monotonic() + WAIT
+        read = ""
+        descriptor = process.stdout.fileno()
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([descriptor], [], [], 0.5)
+            if not ready:
+                continue
+            # Read the descriptor itself, never through the file object's
+            # buffer, so that communicate() later gets the rest intact.
+            chunk = os.read(descriptor, 65536).decode("utf-8", "replace")
+            if not chunk:
+                raise AssertionError("twistd exited before listening:\n" + read)
+            read += chunk
+            found = re.search(r"imx-listener-0 listening on 127\.0\.0\.1:(\d+)", read)
+            if found:
+                port = int(found.group(1))
+                # The listener is bound before the reactor runs; once the
+                # server greets a connection, the reactor (and its signal
+                # handlers) is running.
+                with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as greeted:
+                    if not greeted.recv(1):
+                        raise AssertionError("twistd closed the connection unanswered")
+                return process, port, [read]
+        raise AssertionError("twistd never listened:\n" + read)
 
     def startServer(self, config: str, port: int) -> subprocess.Popen:
         """

@@ -11,7 +11,7 @@ import socket
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.support import GOOD, WAIT, LaunchTestsMixin, freePort
+from tests.support import GOOD, WAIT, LaunchTestsMixin, accepts, freePort
 
 class HelpTests(LaunchTestsMixin, SynchronousTestCase):
     """
@@ -123,13 +123,16 @@ class RunTests(LaunchTestsMixin, SynchronousTestCase):
         twistd listens on the configured port, logs the hosted domains, and
         shuts down cleanly when sent SIGTERM.
         """
-        port = freePort()
-        process = self.startServer(GOOD.format(port=port), port)
+        process, port, lines = self.startOnAnyPort(GOOD.format(port=0))
+        self.assertTrue(accepts(port))
         self.assertTrue(os.path.isdir(os.path.join(self.base, "state")))
         secretFile = os.path.join(self.base, "state", "dialback.secret")
         self.assertEqual(os.stat(secretFile).st_mode & 0o777, 0o600)
+        database = os.path.join(self.base, "state", "imxd.sqlite3")
+        self.assertEqual(os.stat(database).st_mode & 0o777, 0o600)
         os.kill(process.pid, signal.SIGTERM)
-        output, _ = process.communicate(timeout=WAIT)
+        rest, _ = process.communicate(timeout=WAIT)
+        output = "".join(lines) + rest
         # twistd ends by re-raising the signal it was stopped with.
         self.assertIn(process.returncode, (0, -signal.SIGTERM), output)
         self.assertIn("Server Shut Down.", output)
