@@ -20,7 +20,7 @@ from zope.interface.verify import verifyObject
 
 from imxd.backend.interfaces import DECISIONS, IBackend, IDomainService
 from imxd.peer import Refused
-from imxd.wire import Message, Notify
+from imxd.wire import ErrorCode, Message, Notify
 
 
 @implementer(IDomainService)
@@ -109,6 +109,24 @@ class BackendContractMixin:
             ).encode("utf-8"),
         )
         self.assertIsNone(self.successResultOf(self.backend.deliverMessage(message)))
+
+    def test_deliveryReport(self):
+        """
+        Reports on a message one of its users sent, delivered or failed,
+        are taken without error.
+        """
+        message = Message(
+            sender=self.user(),
+            recipient="someone@elsewhere.test",
+            messageId="contract-2",
+            contentType="text/plain; charset=utf-8",
+            body=b"hello",
+        )
+        refusal = Refused(ErrorCode.UNKNOWN_USER, "no such user")
+        for outcome in (None, refusal):
+            self.successResultOf(
+                defer.maybeDeferred(self.backend.deliveryReport, message, outcome)
+            )
 
     def test_deliverNotificationAnswers(self):
         """
