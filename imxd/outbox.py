@@ -206,12 +206,7 @@ class Outbox:
             return
         queue.pumping = True
         try:
-            if queue.returned:
-                returned = sorted(queue.returned, key=_bySeq)
-                queue.returned = []
-                queue.waiting = collections.deque(
-                    heapq.merge(returned, queue.waiting, key=_bySeq)
-                )
+            self._merge(queue)
             # Answers that come at once may change the window or start a
             # backoff, so both are read again after every send.
             while queue.waiting and queue.retryAt is None and len(queue.inFlight) < queue.window:
@@ -223,6 +218,16 @@ class Outbox:
             queue.pumping = False
         if not queue.depth() and queue.timer is None and self.queues.get(queue.remote) is queue:
             del self.queues[queue.remote]
+
+    def _merge(self, queue):
+        """
+        Put the messages returned by failures back among the waiting ones,
+        in their place.
+        """
+        if queue.returned:
+            returned = sorted(queue.returned, key=_bySeq)
+            queue.returned = []
+            queue.waiting = collections.deque(heapq.merge(returned, queue.waiting, key=_bySeq))
 
     def _delivered(self, _, entry):
         queue = self._queue(entry.remote)
@@ -383,6 +388,7 @@ class Outbox:
         Give up the messages waiting past C{give_up_after}.
         """
         for queue in list(self.queues.values()):
+            self._merge(queue)
             old = [e for e in (*queue.waiting, *queue.delayed) if self._tooOld(e)]
             if not old:
                 continue

@@ -1,0 +1,1246 @@
+"""
+Tests for L{imxd.outbox}, L{imxd.store} and the dedupe of L{imxd.router}:
+durable acceptance, delivery reports, per-destination backoff with jitter
+and a probe of one, per-message delays, giving up, restarts, the queue's
+ceiling, status lines and C{retryNow}, and at-most-once delivery at the
+receiver.
+
+Most run on the in-memory network of real servers (L{tests.network}),
+built here by L{makeServer} so that each can have its own
+L{imxd.config.QueueConfig}, database, connector and jitter; the rest drive
+an L{Outbox} directly with a fake C{transmit}.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from twisted.internet.defer import Deferred, fail, maybeDeferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from imxd.aggregator import Aggregator
+from imxd.config import LimitsConfig, QueueConfig, parseConfig
+from imxd.dialback import DialbackSecrets, DialbackTokens
+from imxd.discovery import Discovery
+from imxd.federation import Federation
+from imxd.outbox import SWEEP_INTERVAL, Outbox
+from imxd.peer import PeerSettings, Refused, RemoteError
+from imxd.router import PRUNE_INTERVAL
+from imxd.store import Database, OutboundStore
+from imxd.wire import Ack, Error, ErrorCode
+from tests.network import Network, message
+
+A = "10.0.0.1"
+B = "10.0.0.2"
+C = "10.0.0.3"
+
+
+def makeServer(
+    network,
+    host,
+    domains,
+    port=5275,
+    limits=None,
+    queue=None,
+    database=None,
+    randomness=None,
+    connect=None,
+):
+    """
+    Start an imxd server at C{host:port} as L{Network.server} does, with a
+    chosen queue configuration, database, connector and jitter source, and
+    publish C{_imx._tcp} SRV records for its domains.
+
+    @param domains: domain names (memory backends), or whole C{[[domain]]}
+        tables.
+    @param database: an L{imxd.store.Database}, or L{None} for a fresh one
+        in memory.
+    @param randomness: the outbox's jitter source, or L{None} for
+        L{random.random}.
+    @param connect: the pool's connector, or L{None} for the network's.
+    @return: its L{Federation}.
+    """
+    tables = [d if isinstance(d, dict) else {"name": d, "backend": "memory"} for d in domains]
+    config = parseConfig({"domain": tables}, "test.toml", ".")
+    aggregator = Aggregator(config)
+    settings = PeerSettings(
+        hostedDomains=aggregator.hostedDomains(),
+        handshakeTimeout=10.0,
+        keepaliveInterval=60.0,
+        idleTimeout=600.0,
+    )
+    federation = Federation(
+        network.clock,
+        settings,
+        aggregator,
+        DialbackTokens(host.encode() * 4, f"node-{host}"),
+        DialbackSecrets(lifetime=15.0),
+        Discovery(network.resolver, network.clock),
+        connect if connect is not None else network.connector(host),
+        limits or LimitsConfig(),
+        dialbackTimeout=15.0,
+        database=database,
+        queue=queue,
+    )
+    if randomness is not None:
+        federation.outbox.random = randomness
+    aggregator.attachFederation(federation)
+    aggregator.startService()
+    federation.host = host
+    network.servers[(host, port)] = federation
+    for table in tables:
+        network.publish(table["name"], (0, 0, port, f"imx.{host}"))
+    return federation
+
+
+def stopServer(testCase, network, server, port=5275):
+    """
+    Stop a server: its services (which close its database), its
+    connections (the other side sees them lost); take it off the network.
+    """
+    testCase.successResultOf(maybeDeferred(server.aggregator.stopService))
+    for connection in list(server.connections):
+        connection.transport.abortConnection()
+    network.flush()
+    network.servers.pop((server.host, port), None)
+    server.database.close()
+
+
+class CountingConnector:
+    """
+    Wraps a network connector and records the clock time of every
+    connection attempt.
+    """
+
+    def __init__(self, network, fromHost):
+        self.clock = network.clock
+        self.attempts = []
+        self._connect = network.connector(fromHost)
+
+    def __call__(self, host, port, protocol):
+        self.attempts.append(self.clock.seconds())
+        return self._connect(host, port, protocol)
+
+
+def backendOf(server, domain):
+    return server.aggregator.domain(domain).backend
+
+
+def statusOf(server):
+    """
+    @return: the server's status lines as a dict.
+    """
+    return dict(server.status())
+
+
+def rows(server):
+    """
+    @return: the sequence numbers of the messages in the server's durable
+        queue (committed rows only).
+    """
+    return [seq for (seq,) in server.database.read("SELECT seq FROM outbound ORDER BY seq")]
+
+
+def queueLine(line):
+    """
+    @return: the C{name=value} fields of a C{queue.<domain>} status line
+        as a dict (C{last-error}, which has spaces, runs to the end).
+    """
+    fields = {}
+    rest = line
+    while rest:
+        if rest.startswith("last-error="):
+            fields["last-error"] = rest[len("last-error="):]
+            break
+        part, _, rest = rest.partition(" ")
+        name, _, value = part.partition("=")
+        fields[name] = value
+    return fields
+
+
+def ids(records):
+    return [r.messageId for r in records]
+
+
+def reportIds(backend):
+    """
+    @return: C{(messageId, refusal code or None)} for each delivery report.
+    """
+    return [(m.messageId, None if r is None else r.code) for m, r in backend.reports]
+
+
+class NetworkMixin:
+    """
+    A sender A (a.test at 10.0.0.1) whose connections are counted; the
+    receiver B (b.test at 10.0.0.2) is published but only started by
+    L{startB}.
+    """
+
+    queue = QueueConfig(retryInitial=10.0, retryMax=80.0)
+
+    def setUp(self):
+        self.network = Network()
+        self.clock = self.network.clock
+        self.jitter = 0.0
+        self.connector = CountingConnector(self.network, A)
+        self.a = makeServer(
+            self.network,
+            A,
+            ["a.test"],
+            queue=self.queue,
+            randomness=lambda: self.jitter,
+            connect=self.connector,
+        )
+        self.network.publish("b.test", (0, 0, 5275, f"imx.{B}"))
+        self.b = None
+
+    def startB(self, **kwargs):
+        self.b = makeServer(self.network, B, ["b.test"], **kwargs)
+        return self.b
+
+    def send(self, record, server=None, flush=True):
+        """
+        Give C{record} to its sender's domain (C{sendMessage}).
+        """
+        server = server or self.a
+        domain = server.aggregator.domain(record.sender.split("@")[1])
+        sent = domain.sendMessage(record)
+        if flush:
+            self.network.flush()
+        return sent
+
+    def queueOf(self, remote="b.test", server=None):
+        return (server or self.a).outbox.queues.get(remote)
+
+    def advanceTo(self, when):
+        """
+        Move the clock to C{when} exactly (running what falls due), then
+        let the network settle.
+        """
+        self.clock.advance(when - self.clock.seconds())
+        self.network.flush()
+
+
+class AcceptanceTests(NetworkMixin, SynchronousTestCase):
+    """
+    A message is accepted only once it is durable.
+    """
+
+    def test_acceptedOnlyAfterCommit(self):
+        """
+        C{sendMessage}'s Deferred has no result until the grouped commit
+        (the clock's 0-delay call) has run; then the message is a row of
+        the database.
+        """
+        record = message("alice@a.test", "bob@b.test", "m1")
+        sent = self.send(record, flush=False)
+        self.assertNoResult(sent)
+        self.assertEqual(rows(self.a), [])
+        self.assertEqual(self.connector.attempts, [])
+        self.clock.advance(0)
+        self.assertIsNone(self.successResultOf(sent))
+        self.assertEqual(len(rows(self.a)), 1)
+        [stored] = self.a.outbox.store.load()
+        self.assertEqual(stored.record, record)
+        self.assertEqual((stored.origin, stored.remote), ("a.test", "b.test"))
+
+    def test_commitFails(self):
+        """
+        When the commit fails, the send fails with a temporary refusal, the
+        message is not in the database, and it is never sent or reported.
+        """
+        self.a.database._db.execute("PRAGMA query_only = ON")
+        sent = self.send(message("alice@a.test", "bob@b.test", "m1"))
+        refusal = self.failureResultOf(sent, Refused).value
+        self.assertTrue(refusal.temporary)
+        self.assertEqual(refusal.code, ErrorCode.TEMPORARY_FAILURE)
+        self.a.database._db.execute("PRAGMA query_only = OFF")
+        self.assertEqual(rows(self.a), [])
+        self.assertEqual(self.a.outbox.depth, 0)
+        self.startB()
+        self.network.advance(200, step=10)
+        self.assertEqual(self.connector.attempts, [])
+        self.assertEqual(backendOf(self.b, "b.test").messages, [])
+        self.assertEqual(backendOf(self.a, "a.test").reports, [])
+        self.flushLoggedErrors()
+
+    def test_commitFailsOnClosedDatabase(self):
+        """
+        A message given after the database was closed (a backend sending
+        while imxd shuts down) fails with a temporary refusal instead of
+        waiting for ever.
+        """
+        self.a.database.close()
+        sent = self.send(message("alice@a.test", "bob@b.test", "m1"))
+        refusal = self.failureResultOf(sent, Refused).value
+        self.assertTrue(refusal.temporary)
+        self.assertEqual(backendOf(self.a, "a.test").reports, [])
+        self.flushLoggedErrors()
+
+
+class ReportTests(NetworkMixin, SynchronousTestCase):
+    """
+    Delivered and refused messages leave the queue with one report.
+    """
+
+    queue = QueueConfig(retryInitial=10.0, retryMax=80.0, giveUpAfter=100.0)
+
+    def test_delivered(self):
+        """
+        A delivered message is removed from the database and reported
+        delivered (refusal L{None}) exactly once.
+        """
+        self.startB()
+        record = message("alice@a.test", "bob@b.test", "m1")
+        self.assertIsNone(self.successResultOf(self.send(record)))
+        self.assertEqual(backendOf(self.b, "b.test").messages, [record])
+        self.assertEqual(backendOf(self.a, "a.test").reports, [(record, None)])
+        self.assertEqual(rows(self.a), [])
+        self.assertEqual(self.a.outbox.depth, 0)
+        self.assertEqual(self.a.outbox.queues, {})
+        # Past the sweep and the give-up age: nothing more.
+        self.network.advance(3 * SWEEP_INTERVAL, step=30)
+        self.assertEqual(backendOf(self.a, "a.test").reports, [(record, None)])
+        self.assertEqual(backendOf(self.b, "b.test").messages, [record])
+
+    def test_refusedPermanently(self):
+        """
+        A permanent refusal by the receiver is reported with its code and
+        the message is removed, never tried again.
+        """
+        self.startB()
+        calls = []
+
+        def refuse(m):
+            calls.append(m)
+            return fail(Refused(ErrorCode.UNKNOWN_USER, "no such user"))
+
+        backendOf(self.b, "b.test").deliverMessage = refuse
+        record = message("alice@a.test", "nobody@b.test", "m1")
+        self.successResultOf(self.send(record))
+        [(reported, refusal)] = backendOf(self.a, "a.test").reports
+        self.assertEqual(reported, record)
+        self.assertEqual(refusal.code, ErrorCode.UNKNOWN_USER)
+        self.assertFalse(refusal.temporary)
+        self.assertEqual(rows(self.a), [])
+        self.assertEqual(self.a.outbox.depth, 0)
+        self.network.advance(3 * SWEEP_INTERVAL, step=30)
+        self.assertEqual(len(calls), 1)
+        self.assertEqual(len(backendOf(self.a, "a.test").reports), 1)
+
+    def test_queueFull(self):
+        """
+        With C{max_queued} messages held, the next is refused at once with
+        a temporary C{resource-limit}, and not stored; once one leaves the
+        queue there is room again.
+        """
+        self.a.outbox.settings = QueueConfig(maxQueued=3, retryInitial=10.0)
+        for n in range(3):
+            self.successResultOf(self.send(message("alice@a.test", "bob@b.test", f"m{n}")))
+        sent = self.send(message("alice@a.test", "bob@b.test", "m3"), flush=False)
+        refusal = self.failureResultOf(sent, Refused).value
+        self.assertEqual(refusal.code, ErrorCode.RESOURCE_LIMIT)
+        self.assertTrue(refusal.temporary)
+        self.network.flush()
+        self.assertEqual(len(rows(self.a)), 3)
+        self.assertEqual(self.a.outbox.depth, 3)
+        self.assertEqual(statusOf(self.a)["queue-depth"], "3")
+
+        self.startB()
+        self.a.outbox.retryNow()
+        self.network.flush()
+        self.assertEqual(ids(backendOf(self.b, "b.test").messages), ["m0", "m1", "m2"])
+        self.successResultOf(self.send(message("alice@a.test", "bob@b.test", "m4")))
+        self.assertEqual(ids(backendOf(self.b, "b.test").messages), ["m0", "m1", "m2", "m4"])
+
+    def test_queueFullCountsUncommitted(self):
+        """
+        Messages accepted but not yet committed count towards C{max_queued}.
+        """
+        self.a.outbox.settings = QueueConfig(maxQueued=2)
+        first = self.send(message("alice@a.test", "bob@b.test", "m0"), flush=False)
+        second = self.send(message("alice@a.test", "bob@b.test", "m1"), flush=False)
+        third = self.send(message("alice@a.test", "bob@b.test", "m2"), flush=False)
+        self.assertEqual(self.failureResultOf(third, Refused).value.code, ErrorCode.RESOURCE_LIMIT)
+        self.network.flush()
+        self.successResultOf(first)
+        self.successResultOf(second)
+
+
+class BackoffTests(NetworkMixin, SynchronousTestCase):
+    """
+    A destination that cannot be reached: the queue backs off as a whole.
+    """
+
+    def test_downThenUp(self):
+        """
+        While B is down messages stay queued and nothing is reported; 100
+        messages sent during the backoff make no connection attempt; the
+        delays grow exponentially with jitter in [0.5, 1) of the base and
+        are capped at C{retry_max}; after a delay one message probes; when
+        B is back everything is delivered in order and reported delivered.
+        """
+        jitters = iter([0.0, 0.5, 0.9, 0.25, 0.999999, 0.0])
+        self.a.outbox.random = lambda: next(jitters)
+        first = message("alice@a.test", "bob@b.test", "m000")
+        self.successResultOf(self.send(first))
+        self.assertEqual(self.connector.attempts, [0.0])
+        queue = self.queueOf()
+        self.assertEqual(queue.failures, 1)
+        self.assertEqual(queue.retryAt, 5.0)
+
+        self.clock.advance(1)
+        records = [message("alice@a.test", f"u{n % 7}@b.test", f"m{n:03d}") for n in range(1, 101)]
+        for record in records:
+            self.successResultOf(self.send(record))
+        self.network.advance(3, step=1)
+        self.assertEqual(self.connector.attempts, [0.0])
+        self.assertEqual(len(rows(self.a)), 101)
+        self.assertEqual(self.a.outbox.depth, 101)
+        self.assertEqual(backendOf(self.a, "a.test").reports, [])
+
+        # Failures 2 to 5, each after the previous delay, one attempt each.
+        for failures in range(2, 6):
+            self.advanceTo(queue.retryAt)
+            self.assertEqual(len(self.connector.attempts), failures)
+            self.assertEqual(queue.failures, failures)
+            self.assertEqual(queue.inFlight, {})
+        gaps = [b - a for a, b in zip(self.connector.attempts, self.connector.attempts[1:])]
+        bases = [10.0, 20.0, 40.0, 80.0]
+        expected = [base * (0.5 + j / 2) for base, j in zip(bases, [0.0, 0.5, 0.9, 0.25])]
+        for gap, want, base in zip(gaps, expected, bases):
+            self.assertAlmostEqual(gap, want)
+            self.assertTrue(0.5 * base <= gap < base, (gap, base))
+        # The fifth failure doubles past retry_max: capped at 80 s.
+        wait = queue.retryAt - self.clock.seconds()
+        self.assertAlmostEqual(wait, 80.0 * (0.5 + 0.999999 / 2))
+        self.assertTrue(40.0 <= wait < 80.0)
+        self.assertEqual(backendOf(self.a, "a.test").reports, [])
+
+        # B comes back: at the next try, one message probes.
+        self.startB()
+        self.clock.advance(queue.retryAt - self.clock.seconds())
+        self.assertEqual(len(self.connector.attempts), 6)
+        self.assertEqual([e.record.messageId for e in queue.inFlight.values()], ["m000"])
+        self.assertEqual(len(queue.waiting), 100)
+        self.network.flush()
+
+        delivered = backendOf(self.b, "b.test").messages
+        self.assertEqual(ids(delivered), ["m000"] + ids(records))
+        self.assertEqual(reportIds(backendOf(self.a, "a.test")), [(i, None) for i in ids(delivered)])
+        self.assertEqual(rows(self.a), [])
+        self.assertEqual(self.a.outbox.depth, 0)
+        self.assertEqual(len(self.connector.attempts), 6)
+
+    def test_notPublished(self):
+        """
+        A destination that publishes no SRV records and does not answer on
+        its name is down for now, not refused for good: the message stays
+        queued until the destination appears.
+        """
+        del self.network.resolver.records["_imx._tcp.b.test"]
+        record = message("alice@a.test", "bob@b.test", "m1")
+        self.successResultOf(self.send(record))
+        self.network.advance(60, step=5)
+        self.assertGreater(len(self.connector.attempts), 1)
+        self.assertEqual(backendOf(self.a, "a.test").reports, [])
+        self.assertEqual(len(rows(self.a)), 1)
+        self.startB()
+        self.network.advance(900, step=10)
+        self.assertEqual(backendOf(self.b, "b.test").messages, [record])
+        self.assertEqual(backendOf(self.a, "a.test").reports, [(record, None)])
+
+    def test_windowOpensAfterProbe(self):
+        """
+        After a successful probe the window opens again, up to C{window}
+        messages in flight and never more.
+        """
+        self.a.outbox.settings = QueueConfig(retryInitial=10.0, window=5)
+        sent = [self.send(message("alice@a.test", "bob@b.test", f"m{n:02d}"), flush=False)
+                for n in range(30)]
+        self.network.flush()
+        for each in sent:
+            self.successResultOf(each)
+        queue = self.queueOf()
+        self.startB()
+        self.clock.advance(queue.retryAt - self.clock.seconds())
+        self.assertEqual(len(queue.inFlight), 1)
+        # Let the connection open and the messages be acknowledged, one
+        # pump round at a time, watching how many are in flight.
+        seen = set()
+        for _ in range(1000):
+            self.clock.advance(0)
+            moved = any([pump.pump() for pump in self.network.pumps])
+            seen.add(len(queue.inFlight))
+            if not moved and not queue.depth():
+                break
+        self.assertEqual(max(seen), 5, seen)
+        self.assertEqual(
+            ids(backendOf(self.b, "b.test").messages), [f"m{n:02d}" for n in range(30)]
+        )
+
+    def test_perMessageDelay(self):
+        """
+        A receiver refusing one message with C{recipient-unavailable} delays
+        that message alone: messages to other recipients of the same domain
+        are delivered at once, the queue does not back off, and the delayed
+        message is delivered when its recipient is available again.
+        """
+        self.startB()
+        backend = backendOf(self.b, "b.test")
+        away = {"bob@b.test"}
+        deliver = backend.deliverMessage
+        tries = []
+
+        def deliverMessage(m):
+            tries.append((self.clock.seconds(), m.messageId))
+            if m.recipient in away:
+                return fail(Refused(ErrorCode.RECIPIENT_UNAVAILABLE, "bob is away"))
+            return deliver(m)
+
+        backend.deliverMessage = deliverMessage
+        self.successResultOf(self.send(message("alice@a.test", "bob@b.test", "m1")))
+        self.successResultOf(self.send(message("alice@a.test", "carol@b.test", "m2")))
+        queue = self.queueOf()
+        self.assertIsNone(queue.retryAt)
+        self.assertEqual(queue.failures, 0)
+        self.assertEqual([e.record.messageId for e in queue.delayed], ["m1"])
+        self.assertEqual(reportIds(backendOf(self.a, "a.test")), [("m2", None)])
+
+        self.clock.advance(1)
+        self.successResultOf(self.send(message("alice@a.test", "carol@b.test", "m3")))
+        self.assertEqual(ids(backend.messages), ["m2", "m3"])
+        self.assertIn("recipient-unavailable", statusOf(self.a)["queue.b.test"])
+
+        # m1 waits 10 * 0.5 s, is refused again, then waits 20 * 0.5 s.
+        self.network.advance(5, step=1)
+        self.assertEqual([t for t, i in tries if i == "m1"], [0.0, 5.0])
+        away.clear()
+        self.network.advance(10, step=1)
+        self.assertEqual([t for t, i in tries if i == "m1"], [0.0, 5.0, 15.0])
+        self.assertEqual(ids(backend.messages), ["m2", "m3", "m1"])
+        self.assertEqual(
+            reportIds(backendOf(self.a, "a.test")), [("m2", None), ("m3", None), ("m1", None)]
+        )
+        self.assertEqual(len(self.connector.attempts), 1)
+        self.assertEqual(rows(self.a), [])
+
+
+class GiveUpTests(NetworkMixin, SynchronousTestCase):
+    """
+    Messages not delivered within C{give_up_after} are reported failed.
+    """
+
+    queue = QueueConfig(giveUpAfter=100.0, retryInitial=1000.0, retryMax=1000.0)
+
+    def test_sweep(self):
+        """
+        The sweep gives up a message waiting past its age: it is reported
+        failed (temporary, with a text saying why and the last error) and
+        removed from the database.
+        """
+        record = message("alice@a.test", "bob@b.test", "m1")
+        self.successResultOf(self.send(record))
+        self.network.advance(SWEEP_INTERVAL, step=10)
+        self.assertEqual(backendOf(self.a, "a.test").reports, [])
+        self.assertEqual(len(rows(self.a)), 1)
+        self.network.advance(SWEEP_INTERVAL, step=10)
+        [(reported, refusal)] = backendOf(self.a, "a.test").reports
+        self.assertEqual(reported, record)
+        self.assertTrue(refusal.temporary)
+        self.assertIn("not delivered within 100 s", refusal.text)
+        self.assertIn("no server of b.test answered", refusal.text)
+        self.assertEqual(rows(self.a), [])
+        self.assertEqual(self.a.outbox.depth, 0)
+        self.assertEqual(statusOf(self.a)["queue-given-up"], "1")
+        # Only one try was made, and it is not tried again.
+        self.network.advance(2000, step=100)
+        self.assertEqual(self.connector.attempts, [0.0])
+        self.assertEqual(len(backendOf(self.a, "a.test").reports), 1)
+
+    def test_failedTryPastAge(self):
+        """
+        A message whose try fails after its give-up age is given up then,
+        before the sweep, and reported once.
+        """
+        self.a.outbox.settings = QueueConfig(giveUpAfter=30.0, retryInitial=10.0)
+        record = message("alice@a.test", "bob@b.test", "m1")
+        self.successResultOf(self.send(record))
+        # Tries at 0, 5, 15, 35 (delays 5, 10, 20 with jitter 0).
+        self.network.advance(34, step=1)
+        self.assertEqual(self.connector.attempts, [0.0, 5.0, 15.0])
+        self.assertEqual(backendOf(self.a, "a.test").reports, [])
+        self.network.advance(1)
+        self.assertEqual(self.connector.attempts, [0.0, 5.0, 15.0, 35.0])
+        [(reported, refusal)] = backendOf(self.a, "a.test").reports
+        self.assertIn("not delivered within 30 s", refusal.text)
+        self.assertEqual(rows(self.a), [])
+        self.network.advance(3 * SWEEP_INTERVAL, step=30)
+        self.assertEqual(len(backendOf(self.a, "a.test").reports), 1)
+
+
+class RestartTests(SynchronousTestCase):
+    """
+    The queue survives a restart of the sender.
+    """
+
+    def setUp(self):
+        self.network = Network()
+        self.path = self.mktemp()
+        self.network.publish("b.test", (0, 0, 5275, f"imx.{B}"))
+
+    def sender(self):
+        return makeServer(
+            self.network,
+            A,
+            ["a.test"],
+            queue=QueueConfig(retryInitial=10.0),
+            database=Database(self.path, self.network.clock),
+            randomness=lambda: 0.0,
+        )
+
+    def test_restart(self):
+        """
+        Messages queued for a down destination are delivered once and in
+        order after the sender restarts on the same database file, and the
+        reports go to the new server's backend.
+        """
+        old = self.sender()
+        records = [message("alice@a.test", "bob@b.test", f"m{n}") for n in range(5)]
+        domain = old.aggregator.domain("a.test")
+        for record in records:
+            sent = domain.sendMessage(record)
+            self.network.flush()
+            self.successResultOf(sent)
+        self.assertEqual(old.outbox.depth, 5)
+        stopServer(self, self.network, old)
+
+        self.network.advance(30)
+        new = self.sender()
+        self.assertEqual(new.outbox.depth, 5)
+        later = message("alice@a.test", "bob@b.test", "m5")
+        sent = new.aggregator.domain("a.test").sendMessage(later)
+        self.network.flush()
+        self.successResultOf(sent)
+        b = makeServer(self.network, B, ["b.test"])
+        self.network.advance(60, step=1)
+        self.assertEqual(
+            ids(backendOf(b, "b.test").messages), ["m0", "m1", "m2", "m3", "m4", "m5"]
+        )
+        self.assertEqual(
+            reportIds(backendOf(new, "a.test")), [(f"m{n}", None) for n in range(6)]
+        )
+        self.assertEqual(backendOf(old, "a.test").reports, [])
+        self.assertEqual(rows(new), [])
+        self.network.advance(300, step=30)
+        self.assertEqual(len(backendOf(b, "b.test").messages), 6)
+        stopServer(self, self.network, new)
+
+    def test_restartEmpty(self):
+        """
+        Delivered messages do not come back after a restart.
+        """
+        b = makeServer(self.network, B, ["b.test"])
+        old = self.sender()
+        sent = old.aggregator.domain("a.test").sendMessage(message("alice@a.test", "bob@b.test"))
+        self.network.flush()
+        self.successResultOf(sent)
+        self.assertEqual(len(backendOf(b, "b.test").messages), 1)
+        stopServer(self, self.network, old)
+        new = self.sender()
+        self.network.advance(60, step=5)
+        self.assertEqual(new.outbox.depth, 0)
+        self.assertEqual(len(backendOf(b, "b.test").messages), 1)
+        self.assertEqual(backendOf(new, "a.test").reports, [])
+        stopServer(self, self.network, new)
+
+
+class StatusTests(NetworkMixin, SynchronousTestCase):
+    """
+    Status lines of the queue, and C{retryNow}.
+    """
+
+    queue = QueueConfig(retryInitial=100.0, retryMax=100.0)
+
+    def test_statusAndRetryNow(self):
+        """
+        C{queue-depth} counts the messages held and C{queue.<domain>} shows
+        a destination's depth, time to the next try and last error;
+        C{retryNow} ends the backoff at once.
+        """
+        for n in range(3):
+            self.successResultOf(self.send(message("alice@a.test", "bob@b.test", f"m{n}")))
+        self.network.advance(10, step=5)
+        status = statusOf(self.a)
+        self.assertEqual(status["queue-depth"], "3")
+        line = queueLine(status["queue.b.test"])
+        self.assertEqual(line["depth"], "3")
+        self.assertEqual(line["in-flight"], "0")
+        self.assertEqual(line["oldest"], "10s")
+        self.assertEqual(line["retry-in"], "40s")
+        self.assertEqual(line["failures"], "1")
+        self.assertTrue(
+            line["last-error"].startswith("400 temporary-failure: no server of b.test answered"),
+            line,
+        )
+
+        self.assertEqual(self.a.outbox.retryNow("c.test"), [])
+        self.assertEqual(len(self.connector.attempts), 1)
+        self.startB()
+        self.assertEqual(self.a.outbox.retryNow("b.test"), ["b.test"])
+        self.assertEqual(len(self.connector.attempts), 2)
+        self.network.flush()
+        self.assertEqual(ids(backendOf(self.b, "b.test").messages), ["m0", "m1", "m2"])
+        status = statusOf(self.a)
+        self.assertEqual(status["queue-depth"], "0")
+        self.assertNotIn("queue.b.test", status)
+        self.assertEqual(status["queue-delivered"], "3")
+        self.assertEqual(status["queue-retries"], "1")
+
+    def test_retryNowAll(self):
+        """
+        C{retryNow()} without a domain wakes every destination.
+        """
+        self.network.publish("c.test", (0, 0, 5275, f"imx.{C}"))
+        self.successResultOf(self.send(message("alice@a.test", "bob@b.test", "m1")))
+        self.successResultOf(self.send(message("alice@a.test", "carl@c.test", "m2")))
+        self.assertEqual(len(self.connector.attempts), 2)
+        self.assertEqual(sorted(self.a.outbox.retryNow()), ["b.test", "c.test"])
+        self.assertEqual(len(self.connector.attempts), 4)
+
+
+class DedupeTests(SynchronousTestCase):
+    """
+    The receiver delivers a MESSAGE at most once per origin domain and
+    MESSAGE_ID within the dedupe window.
+    """
+
+    def setUp(self):
+        self.network = Network()
+        self.a = makeServer(self.network, A, ["a.test"])
+        self.path = self.mktemp()
+        self.b = self.receiver()
+        self.c = makeServer(self.network, C, ["c.test"])
+        self.addCleanup(lambda: self.b.database.close())
+
+    def receiver(self, **kwargs):
+        return makeServer(
+            self.network,
+            B,
+            ["b.test"],
+            database=Database(self.path, self.network.clock),
+            **kwargs,
+        )
+
+    def route(self, server, record):
+        """
+        Send C{record} once (past the outbox) and let the network run.
+        """
+        domain = server.aggregator.domain(record.sender.split("@")[1])
+        sent = domain.route(record)
+        self.network.flush()
+        return sent
+
+    def backend(self):
+        return backendOf(self.b, "b.test")
+
+    def suppressed(self):
+        return statusOf(self.b)["count.duplicates-suppressed"]
+
+    def test_duplicate(self):
+        """
+        The same MESSAGE sent twice is acknowledged twice and delivered
+        once; the status counts the duplicate.
+        """
+        record = message("alice@a.test", "bob@b.test", "m1")
+        self.assertIsInstance(self.successResultOf(self.route(self.a, record)), Ack)
+        self.assertIsInstance(self.successResultOf(self.route(self.a, record)), Ack)
+        self.assertEqual(self.backend().messages, [record])
+        self.assertEqual(self.suppressed(), 1)
+
+    def test_duplicateAcrossRestart(self):
+        """
+        The receiver remembers the ids across a restart on its database.
+        """
+        record = message("alice@a.test", "bob@b.test", "m1")
+        self.successResultOf(self.route(self.a, record))
+        stopServer(self, self.network, self.b)
+        self.b = self.receiver()
+        self.assertIsInstance(self.successResultOf(self.route(self.a, record)), Ack)
+        self.assertEqual(self.backend().messages, [])
+        self.assertEqual(self.suppressed(), 1)
+        other = message("alice@a.test", "bob@b.test", "m2")
+        self.successResultOf(self.route(self.a, other))
+        self.assertEqual(self.backend().messages, [other])
+
+    def pending(self):
+        """
+        Make B's backend hold every message it is given without an answer.
+
+        @return: the list of C{(message, Deferred)} given.
+        """
+        held = []
+
+        def deliverMessage(m):
+            d = Deferred()
+            held.append((m, d))
+            return d
+
+        self.backend().deliverMessage = deliverMessage
+        return held
+
+    def test_copyWhileDeliveringSucceeds(self):
+        """
+        A copy arriving while the first is still being delivered is not
+        delivered again; both are acknowledged once the first is.
+        """
+        held = self.pending()
+        record = message("alice@a.test", "bob@b.test", "m1")
+        first = self.route(self.a, record)
+        second = self.route(self.a, record)
+        self.assertEqual(len(held), 1)
+        self.assertNoResult(first)
+        self.assertNoResult(second)
+        held[0][1].callback(None)
+        self.network.flush()
+        self.assertIsInstance(self.successResultOf(first), Ack)
+        self.assertIsInstance(self.successResultOf(second), Ack)
+        self.assertEqual(len(held), 1)
+        self.assertEqual(self.suppressed(), 1)
+
+    def test_copyWhileDeliveringFails(self):
+        """
+        A copy arriving while the first is still being delivered gets the
+        first one's refusal; the id is not remembered, so a later copy is
+        delivered.
+        """
+        held = self.pending()
+        record = message("alice@a.test", "bob@b.test", "m1")
+        first = self.route(self.a, record)
+        second = self.route(self.a, record)
+        held[0][1].errback(Refused(ErrorCode.UNKNOWN_USER, "no such user"))
+        self.network.flush()
+        self.assertEqual(self.failureResultOf(first, RemoteError).value.code, ErrorCode.UNKNOWN_USER)
+        self.assertEqual(self.failureResultOf(second, RemoteError).value.code, ErrorCode.UNKNOWN_USER)
+        self.assertEqual(len(held), 1)
+        self.assertEqual(self.suppressed(), 0)
+        third = self.route(self.a, record)
+        self.assertEqual(len(held), 2)
+        held[1][1].callback(None)
+        self.network.flush()
+        self.assertIsInstance(self.successResultOf(third), Ack)
+
+    def test_failedNotRemembered(self):
+        """
+        After a failed delivery the id is not remembered: a retry is
+        delivered.
+        """
+        backend = self.backend()
+        deliver = backend.deliverMessage
+        answers = [fail(Refused(ErrorCode.RECIPIENT_UNAVAILABLE, "later"))]
+        backend.deliverMessage = lambda m: answers.pop() if answers else deliver(m)
+        record = message("alice@a.test", "bob@b.test", "m1")
+        failure = self.failureResultOf(self.route(self.a, record), RemoteError)
+        self.assertEqual(failure.value.code, ErrorCode.RECIPIENT_UNAVAILABLE)
+        self.assertIsInstance(self.successResultOf(self.route(self.a, record)), Ack)
+        self.assertEqual(backend.messages, [record])
+        self.assertEqual(self.suppressed(), 0)
+
+    def test_otherOrigin(self):
+        """
+        The same id from another origin domain is another message.
+        """
+        fromA = message("alice@a.test", "bob@b.test", "m1", body=b"from a")
+        fromC = message("carl@c.test", "bob@b.test", "m1", body=b"from c")
+        self.successResultOf(self.route(self.a, fromA))
+        self.successResultOf(self.route(self.c, fromC))
+        self.assertEqual(self.backend().messages, [fromA, fromC])
+        self.assertEqual(self.suppressed(), 0)
+
+    def test_pruned(self):
+        """
+        Ids older than C{dedupe_window} are forgotten by the hourly prune:
+        the same id is then delivered again.
+        """
+        stopServer(self, self.network, self.b)
+        self.b = self.receiver(queue=QueueConfig(giveUpAfter=3600.0, dedupeWindow=7200.0))
+        record = message("alice@a.test", "bob@b.test", "m1")
+        self.successResultOf(self.route(self.a, record))
+        # Prunes run every hour; at 2 h the id is not older than the window.
+        self.network.advance(2 * PRUNE_INTERVAL, step=600)
+        self.successResultOf(self.route(self.a, record))
+        self.assertEqual(len(self.backend().messages), 1)
+        self.assertEqual(self.suppressed(), 1)
+        # At 3 h it is, and it is forgotten.
+        self.network.advance(PRUNE_INTERVAL, step=600)
+        self.successResultOf(self.route(self.a, record))
+        self.assertEqual(len(self.backend().messages), 2)
+
+    def test_lostAcknowledgement(self):
+        """
+        When the connection is lost after the receiver delivered a message
+        but before its ACK arrived, the sender's outbox sends it again; the
+        receiver acknowledges the copy without delivering it, and the sender
+        reports it delivered once.
+        """
+        self.a.outbox.random = lambda: 0.0
+        held = self.pending()
+        record = message("alice@a.test", "bob@b.test", "m1")
+        sent = self.a.aggregator.domain("a.test").sendMessage(record)
+        self.network.flush()
+        self.successResultOf(sent)
+        self.assertEqual(len(held), 1)
+        for connection in list(self.a.connections):
+            connection.transport.abortConnection()
+        self.network.flush()
+        held[0][1].callback(None)
+        self.network.flush()
+        queue = self.a.outbox.queues["b.test"]
+        self.assertIsNotNone(queue.retryAt)
+        self.assertEqual(backendOf(self.a, "a.test").reports, [])
+        self.network.advance(queue.retryAt - self.network.clock.seconds())
+        self.assertEqual(len(held), 1)
+        self.assertEqual(backendOf(self.a, "a.test").reports, [(record, None)])
+        self.assertEqual(self.suppressed(), 1)
+        self.assertEqual(rows(self.a), [])
+
+
+class FakeTransmit:
+    """
+    Records what an outbox sends and answers it by hand.
+    """
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, origin, remote, record):
+        d = Deferred()
+        self.calls.append((remote, record.messageId, d))
+        return d
+
+    def sent(self):
+        return [(remote, messageId) for remote, messageId, _ in self.calls]
+
+    def answer(self, index, result=None):
+        d = self.calls[index][2]
+        if isinstance(result, Exception):
+            d.errback(result)
+        else:
+            d.callback(result)
+
+
+class OutboxTests(SynchronousTestCase):
+    """
+    An L{Outbox} on an L{OutboundStore} in memory, with a fake transmit.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.database = Database(":memory:", self.clock)
+        self.store = OutboundStore(self.database)
+        self.transmit = FakeTransmit()
+        self.reports = []
+        self.jitter = iter(itertools.repeat(0.0))
+        self.outbox = self.build()
+
+    def build(self, **settings):
+        outbox = Outbox(
+            self.store,
+            self.clock,
+            self.transmit,
+            lambda entry, refusal: self.reports.append((entry.record.messageId, refusal)),
+            QueueConfig(**{"retryInitial": 10.0, "retryMax": 80.0, "window": 3, **settings}),
+            randomness=lambda: next(self.jitter),
+        )
+        outbox.start()
+        self.addCleanup(outbox.stop)
+        return outbox
+
+    def submit(self, messageId, remote="b.test", commit=True):
+        sent = self.outbox.submit(
+            "a.test", remote, message("alice@a.test", f"bob@{remote}", messageId)
+        )
+        if commit:
+            self.clock.advance(0)
+        return sent
+
+    def stored(self):
+        self.clock.advance(0)
+        return [e.record.messageId for e in self.store.load()]
+
+    def test_durableBeforeAccepted(self):
+        """
+        C{submit} fires once the message is committed, and only then is it
+        sent.
+        """
+        sent = self.submit("m1", commit=False)
+        self.assertNoResult(sent)
+        self.assertEqual(self.transmit.calls, [])
+        self.assertEqual(self.store.load(), [])
+        self.clock.advance(0)
+        self.assertIsNone(self.successResultOf(sent))
+        self.assertEqual([e.record.messageId for e in self.store.load()], ["m1"])
+        self.assertEqual(self.transmit.sent(), [("b.test", "m1")])
+
+    def test_groupedCommit(self):
+        """
+        Messages submitted in one turn are committed in one transaction.
+        """
+        before = self.database.commits
+        sent = [self.submit(f"m{n}", commit=False) for n in range(5)]
+        self.clock.advance(0)
+        for each in sent:
+            self.successResultOf(each)
+        self.assertEqual(self.database.commits, before + 1)
+
+    def test_commitFailure(self):
+        """
+        A failed commit fails every submit waiting for it with a temporary
+        refusal; nothing is sent.
+        """
+        self.database._db.execute("PRAGMA query_only = ON")
+        sent = [self.submit(f"m{n}", commit=False) for n in range(2)]
+        self.clock.advance(0)
+        for each in sent:
+            refusal = self.failureResultOf(each, Refused).value
+            self.assertEqual(refusal.code, ErrorCode.TEMPORARY_FAILURE)
+        self.assertEqual(self.outbox.depth, 0)
+        self.assertEqual(self.transmit.calls, [])
+        self.database._db.execute("PRAGMA query_only = OFF")
+        self.assertEqual(self.stored(), [])
+
+    def test_window(self):
+        """
+        At most C{window} messages are in flight to one destination; the
+        next goes when one is answered; other destinations have their own
+        window.
+        """
+        for n in range(5):
+            self.submit(f"m{n}")
+        self.submit("x1", remote="c.test")
+        self.assertEqual(
+            self.transmit.sent(),
+            [("b.test", "m0"), ("b.test", "m1"), ("b.test", "m2"), ("c.test", "x1")],
+        )
+        self.transmit.answer(1)
+        self.assertEqual(self.transmit.sent()[-1], ("b.test", "m3"))
+        self.assertEqual(self.reports, [("m1", None)])
+        self.assertEqual(self.stored(), ["m0", "m2", "m3", "m4", "x1"])
+
+    def test_backoffOncePerFailure(self):
+        """
+        All the messages in flight failing count as one failure of the
+        destination, with one backoff.
+        """
+        for n in range(3):
+            self.submit(f"m{n}")
+        for n in range(3):
+            self.transmit.answer(n, Refused(ErrorCode.TEMPORARY_FAILURE, "down"))
+        queue = self.outbox.queues["b.test"]
+        self.assertEqual(queue.failures, 1)
+        self.assertEqual(queue.retryAt, 5.0)
+        self.assertEqual(self.outbox.counters["retries"], 1)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 2)  # timer + sweep
+        self.assertEqual(self.reports, [])
+        # After the backoff one message probes: the oldest.
+        self.clock.advance(5)
+        self.assertEqual(self.transmit.sent()[3:], [("b.test", "m0")])
+        self.transmit.answer(3)
+        self.assertEqual(self.transmit.sent()[4:], [("b.test", "m1"), ("b.test", "m2")])
+
+    def test_delays(self):
+        """
+        The delays double from C{retry_initial} up to C{retry_max}, each
+        scaled by 0.5 + jitter / 2.
+        """
+        jitters = [0.0, 0.999999, 0.5, 0.2, 0.8, 0.0, 0.999999]
+        self.jitter = iter(jitters)
+        self.submit("m0")
+        waits = []
+        for n in range(len(jitters)):
+            self.transmit.answer(n, Refused(ErrorCode.TEMPORARY_FAILURE, "down"))
+            queue = self.outbox.queues["b.test"]
+            waits.append(queue.retryAt - self.clock.seconds())
+            self.clock.advance(waits[-1])
+            self.assertEqual(len(self.transmit.calls), n + 2)
+        bases = [10, 20, 40, 80, 80, 80, 80]
+        for wait, base, jitter in zip(waits, bases, jitters):
+            self.assertAlmostEqual(wait, base * (0.5 + jitter / 2))
+            self.assertTrue(base / 2 <= wait < base)
+
+    def test_delayLongRun(self):
+        """
+        However many failures in a row, the delay stays within C{retry_max}.
+        """
+        self.jitter = itertools.repeat(0.999999)
+        for failures in (1, 10, 33, 100, 10000):
+            delay = self.outbox._backoffDelay(failures)
+            self.assertTrue(0 < delay < 80.0)
+
+    def test_retryAfter(self):
+        """
+        A refusal's RETRY_AFTER replaces the computed delay.
+        """
+        self.submit("m0")
+        self.transmit.answer(
+            0, RemoteError(Error(code=ErrorCode.RATE_LIMITED, text="slow", retryAfter=7))
+        )
+        self.assertEqual(self.outbox.queues["b.test"].retryAt, 7.0)
+        self.clock.advance(6.9)
+        self.assertEqual(len(self.transmit.calls), 1)
+        self.clock.advance(0.1)
+        self.assertEqual(len(self.transmit.calls), 2)
+
+    def test_perMessage(self):
+        """
+        A remote C{recipient-unavailable} delays that message alone; its
+        own delays grow; the rest go on; C{retryNow} sends it at once.
+        """
+        self.submit("m0")
+        unavailable = RemoteError(Error(code=ErrorCode.RECIPIENT_UNAVAILABLE, text="away"))
+        self.transmit.answer(0, unavailable)
+        queue = self.outbox.queues["b.test"]
+        self.assertIsNone(queue.retryAt)
+        self.assertEqual(queue.delayed[0].notBefore, 5.0)
+        self.submit("m1")
+        self.assertEqual(self.transmit.sent()[1], ("b.test", "m1"))
+        self.clock.advance(5)
+        self.assertEqual(self.transmit.sent()[2], ("b.test", "m0"))
+        self.transmit.answer(2, unavailable)
+        self.assertEqual(queue.delayed[0].notBefore, 15.0)
+        self.assertEqual(queue.delayed[0].attempts, 2)
+        self.assertEqual(self.outbox.retryNow("b.test"), ["b.test"])
+        self.assertEqual(self.transmit.sent()[3], ("b.test", "m0"))
+        self.transmit.answer(3)
+        self.assertEqual(self.reports, [("m0", None)])
+
+    def test_permanent(self):
+        """
+        A permanent refusal is reported and the message removed at once.
+        """
+        self.submit("m0")
+        self.transmit.answer(0, Refused(ErrorCode.UNKNOWN_USER, "who?"))
+        [(messageId, refusal)] = self.reports
+        self.assertEqual((messageId, refusal.code), ("m0", ErrorCode.UNKNOWN_USER))
+        self.assertEqual(self.stored(), [])
+        self.assertEqual(self.outbox.depth, 0)
+        self.assertEqual(self.outbox.counters["failed"], 1)
+        self.assertNotIn("b.test", self.outbox.queues)
+
+    def test_unexpectedError(self):
+        """
+        An unexpected exception from C{transmit} is treated as a temporary
+        failure: logged, the destination backs off, the message is kept.
+        """
+        self.submit("m0")
+        self.transmit.answer(0, RuntimeError("boom"))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertIsNotNone(self.outbox.queues["b.test"].retryAt)
+        self.assertEqual(self.reports, [])
+        self.assertEqual(self.stored(), ["m0"])
+
+    def test_reportFails(self):
+        """
+        A report that raises does not keep the message in the queue.
+        """
+        def report(entry, refusal):
+            raise ValueError("backend gone")
+
+        self.outbox.report = report
+        self.submit("m0")
+        self.transmit.answer(0)
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        self.assertEqual(self.stored(), [])
+        self.assertEqual(self.outbox.depth, 0)
+
+    def test_start(self):
+        """
+        A new outbox on the same store takes up the messages in order,
+        numbering new ones after them.
+        """
+        for n in range(4):
+            self.submit(f"m{n}", remote="b.test" if n % 2 else "c.test")
+        self.outbox.stop()
+        self.transmit.calls = []
+        self.outbox = self.build()
+        self.assertEqual(self.outbox.depth, 4)
+        self.assertEqual(
+            sorted(self.transmit.sent()),
+            [("b.test", "m1"), ("b.test", "m3"), ("c.test", "m0"), ("c.test", "m2")],
+        )
+        self.assertEqual([m for r, m in self.transmit.sent() if r == "b.test"], ["m1", "m3"])
+        self.submit("m4")
+        seqs = [e.seq for e in self.store.load()]
+        self.assertEqual(seqs, sorted(seqs))
+        self.assertEqual(self.store.load()[-1].record.messageId, "m4")
+
+    def test_sweep(self):
+        """
+        The sweep gives up the messages waiting past their age and leaves
+        the rest.
+        """
+        self.outbox.stop()
+        self.outbox = self.build(giveUpAfter=90.0, retryInitial=1000.0, retryMax=1000.0)
+        self.submit("m0")
+        self.transmit.answer(0, Refused(ErrorCode.TEMPORARY_FAILURE, "down"))
+        self.clock.advance(50)
+        self.submit("m1")
+        self.clock.advance(SWEEP_INTERVAL - 50)
+        self.assertEqual(self.reports, [])
+        self.clock.advance(SWEEP_INTERVAL)
+        [(messageId, refusal)] = self.reports
+        self.assertEqual(messageId, "m0")
+        self.assertIn("not delivered within 90 s", refusal.text)
+        self.assertIn("down", refusal.text)
+        self.assertEqual(self.stored(), ["m1"])
+        self.clock.advance(SWEEP_INTERVAL)
+        self.assertEqual([m for m, _ in self.reports], ["m0", "m1"])
+        self.assertEqual(self.stored(), [])
+
+    def test_sweepAfterImmediateFailure(self):
+        """
+        The sweep also gives up a message whose last try failed at once
+        (C{transmit} failing synchronously, as a refused connection to a
+        full pool or a cached discovery failure does).
+        """
+        self.outbox.stop()
+        self.outbox = self.build(giveUpAfter=90.0, retryInitial=1000.0, retryMax=1000.0)
+        self.outbox.transmit = lambda origin, remote, record: fail(
+            Refused(ErrorCode.TEMPORARY_FAILURE, "down")
+        )
+        self.submit("m0")
+        self.assertIsNotNone(self.outbox.queues["b.test"].retryAt)
+        self.clock.advance(2 * SWEEP_INTERVAL)
+        self.assertEqual([m for m, _ in self.reports], ["m0"])
+        self.assertEqual(self.stored(), [])
+        self.assertEqual(self.outbox.depth, 0)
+
+    def test_status(self):
+        """
+        The status lines: totals, and one line per destination holding
+        messages.
+        """
+        self.submit("m0")
+        self.submit("m1", remote="c.test")
+        self.transmit.answer(0, Refused(ErrorCode.TEMPORARY_FAILURE, "down"))
+        self.clock.advance(2)
+        lines = dict(self.outbox.status())
+        self.assertEqual(lines["queue-depth"], "2")
+        b = queueLine(lines["queue.b.test"])
+        self.assertEqual(
+            {k: b[k] for k in ("depth", "in-flight", "oldest", "retry-in", "failures")},
+            {"depth": "1", "in-flight": "0", "oldest": "2s", "retry-in": "3s", "failures": "1"},
+        )
+        self.assertEqual(b["last-error"], "400 temporary-failure: down")
+        c = queueLine(lines["queue.c.test"])
+        self.assertEqual((c["depth"], c["in-flight"], c["oldest"]), ("1", "1", "2s"))
+        self.assertNotIn("retry-in", c)
+        self.assertNotIn("last-error", c)
+        self.clock.advance(3)
+        self.transmit.answer(1)
+        self.transmit.answer(2)
+        lines = dict(self.outbox.status())
+        self.assertEqual(lines["queue-depth"], "0")
+        self.assertNotIn("queue.b.test", lines)
+        self.assertNotIn("queue.c.test", lines)
