@@ -37,6 +37,9 @@ __all__ = [
 ]
 
 MAX_INPUT_LENGTH = 1024
+
+#: The local part that sends delivery failure reports (protocol.md 12.6).
+POSTMASTER = "postmaster"
 """
 Longest text, in characters, looked at at all: anything longer is refused
 before any normalisation work is done.

@@ -111,7 +111,7 @@ class VirtualDomain(service.Service):
         router = self.parent.router if self.parent is not None else None
         if router is None:
             return fail(Refused(ErrorCode.SHUTTING_DOWN, "imxd is not routing"))
-        return router.submit(message, self.name)
+        return maybeDeferred(router.submit, message, self.name)
 
     def deliveryReport(self, message: Message, refusal) -> None:
         """
@@ -230,12 +230,13 @@ class Aggregator(service.MultiService):
 
     def startService(self) -> None:
         """
-        Start the hosted domains, then the federation's outbox (which may
-        report to their backends at once).
+        Take up the federation's queued messages first (so that what
+        backends send at start queues behind them), then start the hosted
+        domains.
         """
-        super().startService()
         if self.federation is not None:
             self.federation.start()
+        super().startService()
 
     def stopService(self):
         """

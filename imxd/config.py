@@ -111,8 +111,8 @@ class LimitsConfig:
     @ivar maxPendingDialbacksPerAddress: unfinished dial-backs for
         connections from one source address.
     @ivar maxOutboundPerPeer: outbound connections opened to one peer.
-    @ivar maxRequestsInProgress: requests from one connection being
-        handled at once; reading from the connection pauses at this many.
+    @ivar maxRequestsInProgress: records one hosted domain may be handling
+        at once; more are refused for now with C{resource-limit}.
     @ivar domainRate: Data requests per second accepted from one
         authenticated remote domain (token bucket, 0: no limit).
     @ivar domainBurst: the bucket's size: requests accepted at once after

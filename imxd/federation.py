@@ -888,10 +888,16 @@ class Federation(PeerFactory):
 
     def stop(self):
         """
-        Stop the upkeep timers and write what is pending.
+        Stop sending and the upkeep timers, drop every connection (so that
+        no answer arrives after the database is closed: requests in flight
+        are sent again after the restart, and the receivers' dedupe keeps
+        them from being delivered twice), and write what is pending.
         """
         self.outbox.stop()
         self.router.stop()
+        for connection in list(self.connections):
+            if connection.transport is not None:
+                connection.transport.abortConnection()
         self.database.commit()
 
     def _report(self, entry, refusal):

@@ -45,6 +45,21 @@ _PER_MESSAGE = frozenset({ErrorCode.RECIPIENT_UNAVAILABLE})
 
 _bySeq = operator.attrgetter("seq")
 
+#: Characters of a peer's error text kept in status lines and logs.
+ERROR_TEXT_LIMIT = 200
+
+
+def _oneLine(text):
+    """
+    @return: C{text} on one line, control characters replaced, at most
+        L{ERROR_TEXT_LIMIT} characters (a peer's ERROR text goes into
+        status lines).
+    """
+    cleaned = "".join(c if c.isprintable() else " " for c in text)
+    if len(cleaned) > ERROR_TEXT_LIMIT:
+        cleaned = cleaned[: ERROR_TEXT_LIMIT - 1] + "…"
+    return cleaned
+
 
 @attrs.define(eq=False)
 class DestinationQueue:
@@ -121,15 +136,18 @@ class Outbox:
         self.queues: dict[str, DestinationQueue] = {}
         self.depth = 0
         self.counters = collections.Counter()
+        self.stopped = True
         self._sweeper = None
 
     # -- life -----------------------------------------------------------------
 
     def start(self):
         """
-        Take up the messages kept from before (after a restart) and start
-        the give-up sweep.
+        Take up the messages kept from before (after a restart), before any
+        backend can send new ones; give up those past their age and send
+        the rest on the next turn, once every service has started.
         """
+        self.stopped = False
         for entry in self.store.load():
             self._queue(entry.remote).waiting.append(entry)
             self.depth += 1
@@ -139,16 +157,23 @@ class Outbox:
                 count=self.depth,
                 domains=len(self.queues),
             )
-        for queue in list(self.queues.values()):
-            self._pump(queue)
         self._sweeper = task.LoopingCall(self.sweep)
         self._sweeper.clock = self.clock
         self._sweeper.start(SWEEP_INTERVAL, now=False)
+        self.clock.callLater(0, self._resume)
+
+    def _resume(self):
+        if self.stopped:
+            return
+        self.sweep()
+        for queue in list(self.queues.values()):
+            self._pump(queue)
 
     def stop(self):
         """
-        Stop every timer; what is queued stays in the store.
+        Stop sending and every timer; what is queued stays in the store.
         """
+        self.stopped = True
         if self._sweeper is not None and self._sweeper.running:
             self._sweeper.stop()
         for queue in self.queues.values():
@@ -202,7 +227,7 @@ class Outbox:
         """
         Send what the queue's window allows, unless it is backing off.
         """
-        if queue.pumping:
+        if queue.pumping or self.stopped:
             return
         queue.pumping = True
         try:
@@ -246,7 +271,7 @@ class Outbox:
         else:
             self.log.failure("outbox: sending to {remote} failed", failure, remote=entry.remote)
             refusal = Refused(ErrorCode.INTERNAL_ERROR, failure.getErrorMessage())
-        entry.lastError = queue.lastError = str(refusal)
+        entry.lastError = queue.lastError = _oneLine(str(refusal))
         if not refusal.temporary:
             self.counters["failed"] += 1
             self._finish(entry, refusal)
@@ -261,10 +286,15 @@ class Outbox:
 
     def _finish(self, entry, refusal):
         """
-        The message leaves the queue: forget it and tell its sender.
+        The message leaves the queue: forget it, and tell its sender once
+        that is durable (so that a restart cannot send and report it
+        again), always on a later turn than its acceptance.
         """
         self.store.remove(entry.seq)
         self.depth -= 1
+        self.store.committed().addBoth(self._report, entry, refusal)
+
+    def _report(self, _, entry, refusal):
         try:
             self.report(entry, refusal)
         except Exception:
@@ -302,6 +332,15 @@ class Outbox:
         )
         return base * (0.5 + self.random() / 2)
 
+    def _delayFor(self, refusal, failures):
+        """
+        @return: the peer's RETRY_AFTER (at most C{retry_max}), or the
+            backoff delay after C{failures} failures.
+        """
+        if refusal.retryAfter:
+            return min(float(refusal.retryAfter), self.settings.retryMax)
+        return self._backoffDelay(failures)
+
     def _backOff(self, queue, refusal):
         """
         The destination failed: wait before the next try (once per failure,
@@ -311,7 +350,7 @@ class Outbox:
         if queue.retryAt is not None:
             return
         queue.failures += 1
-        delay = refusal.retryAfter or self._backoffDelay(queue.failures)
+        delay = self._delayFor(refusal, queue.failures)
         queue.retryAt = self.clock.seconds() + delay
         self.counters["retries"] += 1
         self.log.info(
@@ -328,7 +367,7 @@ class Outbox:
         The receiving server refused one message for now: it alone waits.
         """
         entry.attempts += 1
-        delay = refusal.retryAfter or self._backoffDelay(entry.attempts)
+        delay = self._delayFor(refusal, entry.attempts)
         entry.notBefore = self.clock.seconds() + delay
         queue.delayed.append(entry)
         self._wakeAt(queue)
@@ -339,6 +378,8 @@ class Outbox:
         backoff, or the first delayed message's.
         """
         self._cancel(queue)
+        if self.stopped:
+            return
         times = [e.notBefore for e in queue.delayed]
         if queue.retryAt is not None:
             times.append(queue.retryAt)

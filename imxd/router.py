@@ -18,9 +18,10 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from imxd.address import Address, AddressError, normaliseDomain
+from imxd.address import POSTMASTER, Address, AddressError, normaliseDomain
 from imxd.peer import Refused
 from imxd.ratelimit import RateLimiter
+from imxd.wire import EncodeError
 from imxd.wire import (
     DomainAttributesGet,
     ErrorCode,
@@ -90,7 +91,7 @@ def dataPair(record):
 
 
 #: Seconds between two prunings of the dedupe table.
-PRUNE_INTERVAL = 3600.0
+PRUNE_INTERVAL = 600.0
 
 
 class Router:
@@ -130,6 +131,7 @@ class Router:
         self._delivering = {}
         self._accountLimits = {}
         self._pruner = None
+        self._pruneMore = None
 
     def start(self):
         """
@@ -145,12 +147,16 @@ class Router:
         """
         if self._pruner is not None and self._pruner.running:
             self._pruner.stop()
+        if self._pruneMore is not None and self._pruneMore.active():
+            self._pruneMore.cancel()
 
     def prune(self):
         """
-        Forget the MESSAGE_IDs older than the dedupe window.
+        Forget the MESSAGE_IDs older than the dedupe window, a chunk per
+        turn of the reactor until none is left.
         """
-        self.seen.prune(self.clock.seconds() - self.dedupeWindow)
+        if self.seen.prune(self.clock.seconds() - self.dedupeWindow) and self._pruner.running:
+            self._pruneMore = self.clock.callLater(0, self.prune)
 
     def _checked(self, record, fromDomain):
         """
@@ -193,15 +199,21 @@ class Router:
         try:
             origin, receiving = self._checked(message, fromDomain)
             self._withinRate(message.sender, fromDomain)
+            return self.outbox.submit(origin, receiving, message)
         except Refused as e:
             return defer.fail(e)
-        return self.outbox.submit(origin, receiving, message)
+        except EncodeError as e:
+            return defer.fail(Refused(ErrorCode.MALFORMED, f"cannot be sent: {e}"))
 
     def _withinRate(self, sender, fromDomain):
         """
         @raise Refused: C{rate-limited}, when C{sender} is over its
-            domain's C{account_rate}.
+            domain's C{account_rate}.  The domain's postmaster (failure
+            reports) is never limited.
         """
+        sender = str(Address.parse(sender))
+        if sender.rpartition("@")[0] == POSTMASTER:
+            return
         limiter = self._accountLimits.get(fromDomain)
         if limiter is None:
             policy = self.aggregator.domain(fromDomain).config.policy

@@ -691,6 +691,21 @@ class LocalFederationTests(SynchronousTestCase):
         bob.listen()
         self.assertEqual(bob.named("message"), [])
 
+    def test_rateLimited(self):
+        """
+        A user over the domain's account_rate gets 429 rate-limited with
+        Retry-After, and the message is not sent.
+        """
+        alice = self.client("alice@alpha.test")
+        for n in range(100):
+            self.assertEqual(
+                alice.call("POST", "messages", {"to": "bob@beta.test", "body": str(n)})[0], 202
+            )
+        status, body, response = alice.call("POST", "messages", {"to": "bob@beta.test", "body": "x"})
+        self.assertEqual((status, body["error"]), (429, "rate-limited"))
+        self.assertGreater(int(response.headers.getRawHeaders("Retry-After")[0]), 0)
+        self.assertEqual(self.alpha.outbox.counters["delivered"] + self.alpha.outbox.depth, 100)
+
     def test_tooManyStreams(self):
         """
         A user may hold at most 8 streams open.

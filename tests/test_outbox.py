@@ -14,6 +14,8 @@ an L{Outbox} directly with a fake C{transmit}.
 from __future__ import annotations
 
 import itertools
+import json
+import os
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.task import Clock
@@ -860,19 +862,20 @@ class DedupeTests(SynchronousTestCase):
 
     def test_pruned(self):
         """
-        Ids older than C{dedupe_window} are forgotten by the hourly prune:
+        Ids older than C{dedupe_window} are forgotten by the next prune:
         the same id is then delivered again.
         """
         stopServer(self, self.network, self.b)
         self.b = self.receiver(queue=QueueConfig(giveUpAfter=3600.0, dedupeWindow=7200.0))
         record = message("alice@a.test", "bob@b.test", "m1")
         self.successResultOf(self.route(self.a, record))
-        # Prunes run every hour; at 2 h the id is not older than the window.
-        self.network.advance(2 * PRUNE_INTERVAL, step=600)
+        # Prunes run every ten minutes; at 2 h the id is not older than
+        # the window.
+        self.network.advance(7200.0, step=600)
         self.successResultOf(self.route(self.a, record))
         self.assertEqual(len(self.backend().messages), 1)
         self.assertEqual(self.suppressed(), 1)
-        # At 3 h it is, and it is forgotten.
+        # By 2 h 10 min it is, and it is forgotten.
         self.network.advance(PRUNE_INTERVAL, step=600)
         self.successResultOf(self.route(self.a, record))
         self.assertEqual(len(self.backend().messages), 2)
@@ -954,8 +957,17 @@ class OutboxTests(SynchronousTestCase):
             randomness=lambda: next(self.jitter),
         )
         outbox.start()
+        self.clock.advance(0)
         self.addCleanup(outbox.stop)
         return outbox
+
+    def answer(self, index, result=None):
+        """
+        Answer the C{index}th send, then let the commit that the report
+        waits for run.
+        """
+        self.transmit.answer(index, result)
+        self.clock.advance(0)
 
     def submit(self, messageId, remote="b.test", commit=True):
         sent = self.outbox.submit(
@@ -1023,7 +1035,7 @@ class OutboxTests(SynchronousTestCase):
             self.transmit.sent(),
             [("b.test", "m0"), ("b.test", "m1"), ("b.test", "m2"), ("c.test", "x1")],
         )
-        self.transmit.answer(1)
+        self.answer(1)
         self.assertEqual(self.transmit.sent()[-1], ("b.test", "m3"))
         self.assertEqual(self.reports, [("m1", None)])
         self.assertEqual(self.stored(), ["m0", "m2", "m3", "m4", "x1"])
@@ -1036,7 +1048,7 @@ class OutboxTests(SynchronousTestCase):
         for n in range(3):
             self.submit(f"m{n}")
         for n in range(3):
-            self.transmit.answer(n, Refused(ErrorCode.TEMPORARY_FAILURE, "down"))
+            self.answer(n, Refused(ErrorCode.TEMPORARY_FAILURE, "down"))
         queue = self.outbox.queues["b.test"]
         self.assertEqual(queue.failures, 1)
         self.assertEqual(queue.retryAt, 5.0)
@@ -1046,7 +1058,7 @@ class OutboxTests(SynchronousTestCase):
         # After the backoff one message probes: the oldest.
         self.clock.advance(5)
         self.assertEqual(self.transmit.sent()[3:], [("b.test", "m0")])
-        self.transmit.answer(3)
+        self.answer(3)
         self.assertEqual(self.transmit.sent()[4:], [("b.test", "m1"), ("b.test", "m2")])
 
     def test_delays(self):
@@ -1059,7 +1071,7 @@ class OutboxTests(SynchronousTestCase):
         self.submit("m0")
         waits = []
         for n in range(len(jitters)):
-            self.transmit.answer(n, Refused(ErrorCode.TEMPORARY_FAILURE, "down"))
+            self.answer(n, Refused(ErrorCode.TEMPORARY_FAILURE, "down"))
             queue = self.outbox.queues["b.test"]
             waits.append(queue.retryAt - self.clock.seconds())
             self.clock.advance(waits[-1])
@@ -1083,7 +1095,7 @@ class OutboxTests(SynchronousTestCase):
         A refusal's RETRY_AFTER replaces the computed delay.
         """
         self.submit("m0")
-        self.transmit.answer(
+        self.answer(
             0, RemoteError(Error(code=ErrorCode.RATE_LIMITED, text="slow", retryAfter=7))
         )
         self.assertEqual(self.outbox.queues["b.test"].retryAt, 7.0)
@@ -1099,7 +1111,7 @@ class OutboxTests(SynchronousTestCase):
         """
         self.submit("m0")
         unavailable = RemoteError(Error(code=ErrorCode.RECIPIENT_UNAVAILABLE, text="away"))
-        self.transmit.answer(0, unavailable)
+        self.answer(0, unavailable)
         queue = self.outbox.queues["b.test"]
         self.assertIsNone(queue.retryAt)
         self.assertEqual(queue.delayed[0].notBefore, 5.0)
@@ -1107,12 +1119,12 @@ class OutboxTests(SynchronousTestCase):
         self.assertEqual(self.transmit.sent()[1], ("b.test", "m1"))
         self.clock.advance(5)
         self.assertEqual(self.transmit.sent()[2], ("b.test", "m0"))
-        self.transmit.answer(2, unavailable)
+        self.answer(2, unavailable)
         self.assertEqual(queue.delayed[0].notBefore, 15.0)
         self.assertEqual(queue.delayed[0].attempts, 2)
         self.assertEqual(self.outbox.retryNow("b.test"), ["b.test"])
         self.assertEqual(self.transmit.sent()[3], ("b.test", "m0"))
-        self.transmit.answer(3)
+        self.answer(3)
         self.assertEqual(self.reports, [("m0", None)])
 
     def test_permanent(self):
@@ -1120,7 +1132,7 @@ class OutboxTests(SynchronousTestCase):
         A permanent refusal is reported and the message removed at once.
         """
         self.submit("m0")
-        self.transmit.answer(0, Refused(ErrorCode.UNKNOWN_USER, "who?"))
+        self.answer(0, Refused(ErrorCode.UNKNOWN_USER, "who?"))
         [(messageId, refusal)] = self.reports
         self.assertEqual((messageId, refusal.code), ("m0", ErrorCode.UNKNOWN_USER))
         self.assertEqual(self.stored(), [])
@@ -1134,7 +1146,7 @@ class OutboxTests(SynchronousTestCase):
         failure: logged, the destination backs off, the message is kept.
         """
         self.submit("m0")
-        self.transmit.answer(0, RuntimeError("boom"))
+        self.answer(0, RuntimeError("boom"))
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.assertIsNotNone(self.outbox.queues["b.test"].retryAt)
         self.assertEqual(self.reports, [])
@@ -1149,7 +1161,7 @@ class OutboxTests(SynchronousTestCase):
 
         self.outbox.report = report
         self.submit("m0")
-        self.transmit.answer(0)
+        self.answer(0)
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
         self.assertEqual(self.stored(), [])
         self.assertEqual(self.outbox.depth, 0)
@@ -1183,7 +1195,7 @@ class OutboxTests(SynchronousTestCase):
         self.outbox.stop()
         self.outbox = self.build(giveUpAfter=90.0, retryInitial=1000.0, retryMax=1000.0)
         self.submit("m0")
-        self.transmit.answer(0, Refused(ErrorCode.TEMPORARY_FAILURE, "down"))
+        self.answer(0, Refused(ErrorCode.TEMPORARY_FAILURE, "down"))
         self.clock.advance(50)
         self.submit("m1")
         self.clock.advance(SWEEP_INTERVAL - 50)
@@ -1223,7 +1235,7 @@ class OutboxTests(SynchronousTestCase):
         """
         self.submit("m0")
         self.submit("m1", remote="c.test")
-        self.transmit.answer(0, Refused(ErrorCode.TEMPORARY_FAILURE, "down"))
+        self.answer(0, Refused(ErrorCode.TEMPORARY_FAILURE, "down"))
         self.clock.advance(2)
         lines = dict(self.outbox.status())
         self.assertEqual(lines["queue-depth"], "2")
@@ -1238,9 +1250,191 @@ class OutboxTests(SynchronousTestCase):
         self.assertNotIn("retry-in", c)
         self.assertNotIn("last-error", c)
         self.clock.advance(3)
-        self.transmit.answer(1)
-        self.transmit.answer(2)
+        self.answer(1)
+        self.answer(2)
         lines = dict(self.outbox.status())
         self.assertEqual(lines["queue-depth"], "0")
         self.assertNotIn("queue.b.test", lines)
         self.assertNotIn("queue.c.test", lines)
+
+
+class ReviewRegressionTests(SynchronousTestCase):
+    """
+    Defects a review found in the first version of the outbox, each shown
+    here so that it cannot come back.
+    """
+
+    def setUp(self):
+        self.network = Network()
+
+    def test_startTakesUpStoredMessagesOnce(self):
+        """
+        A backend that sends as soon as it starts (the spool polls at once)
+        does not make the stored messages load twice: the outbox takes up
+        the store before any backend starts.
+        """
+        path = self.mktemp()
+        os.mkdir(path)
+        spool = os.path.join(path, "spool")
+        tables = [
+            {"name": "a.test", "backend": "spool", "backend_options": {"directory": spool}},
+            {"name": "z.test", "backend": "memory"},
+        ]
+        os.makedirs(os.path.join(spool, "outbox"))
+        with open(os.path.join(spool, "outbox", "m1.json"), "w") as f:
+            json.dump({"from": "alice@a.test", "to": "bob@b.test", "body": "hi"}, f)
+        database = Database(os.path.join(path, "imxd.sqlite3"), self.network.clock)
+        b = makeServer(self.network, "10.0.0.2", ["b.test"])
+        a = makeServer(self.network, "10.0.0.1", tables, database=database)
+        self.network.advance(5)
+        self.assertEqual(ids(backendOf(b, "b.test").messages), ["m1"])
+        self.assertEqual(a.outbox.depth, 0)
+        self.assertEqual(a.outbox.counters["delivered"], 1)
+        self.assertEqual(os.listdir(os.path.join(spool, "delivered")), ["m1.json"])
+        stopServer(self, self.network, a)
+
+    def test_reportAfterRemovalIsDurable(self):
+        """
+        The sender hears of a delivery only once the message's removal is
+        committed, so a restart cannot send and report it again.
+        """
+        clock = Clock()
+        database = Database(":memory:", clock)
+        transmit = FakeTransmit()
+        reports = []
+        outbox = Outbox(OutboundStore(database), clock, transmit,
+                        lambda entry, refusal: reports.append(entry.record.messageId),
+                        QueueConfig())
+        outbox.start()
+        clock.advance(0)
+        outbox.submit("a.test", "b.test", message("alice@a.test", "bob@b.test", "m1"))
+        clock.advance(0)
+        transmit.answer(0)
+        self.assertEqual(reports, [])
+        self.assertEqual(len(OutboundStore(database).load()), 1)
+        clock.advance(0)
+        self.assertEqual(reports, ["m1"])
+        self.assertEqual(OutboundStore(database).load(), [])
+        outbox.stop()
+
+    def test_acceptedBeforeImmediateRefusal(self):
+        """
+        When the destination refuses at once (a domain hosted here), the
+        sender hears "accepted" before the refusal's report.
+        """
+        c = self.network.server("10.0.0.3", ["c.test", "d.test"])
+        backendOf(c, "d.test").deliverMessage = lambda m: fail(
+            Refused(ErrorCode.UNKNOWN_USER, "no such user"))
+        events = []
+        sender = c.aggregator.domain("c.test")
+        sender.backend.deliveryReport = lambda m, r: events.append(("report", r.code))
+        sent = sender.sendMessage(message("carol@c.test", "nobody@d.test"))
+        sent.addCallback(lambda _: events.append(("accepted", None)))
+        self.network.flush()
+        self.assertEqual(events, [("accepted", None), ("report", ErrorCode.UNKNOWN_USER)])
+
+    def test_unencodableMessageRefused(self):
+        """
+        A message that cannot be encoded (a MESSAGE_ID over 128 octets) is
+        refused with malformed, not raised into the backend.
+        """
+        a = self.network.server("10.0.0.1", ["a.test"])
+        sent = a.aggregator.domain("a.test").sendMessage(
+            message("alice@a.test", "bob@b.test", "x" * 200))
+        self.assertEqual(self.failureResultOf(sent, Refused).value.code, ErrorCode.MALFORMED)
+        self.assertEqual(a.outbox.depth, 0)
+
+    def test_badValueDoesNotWedgeTheDatabase(self):
+        """
+        A write SQLite cannot take (a lone surrogate) fails its own commit
+        only; the next commit works.
+        """
+        clock = Clock()
+        database = Database(":memory:", clock)
+        database.schema("CREATE TABLE t (v TEXT)")
+        database.write("INSERT INTO t VALUES (?)", ("bad \ud800",))
+        failed = database.committed()
+        clock.advance(0)
+        self.failureResultOf(failed)
+        database.write("INSERT INTO t VALUES (?)", ("good",))
+        done = database.committed()
+        clock.advance(0)
+        self.successResultOf(done)
+        self.assertEqual(database.read("SELECT v FROM t"), [("good",)])
+        self.flushLoggedErrors()
+
+    def test_tooOldAtStartGivenUp(self):
+        """
+        A message kept past give_up_after while imxd was down is given up
+        at start, never sent.
+        """
+        clock = Clock()
+        database = Database(":memory:", clock)
+        store = OutboundStore(database)
+        store.add("a.test", "b.test", message("alice@a.test", "bob@b.test", "old"), 0.0)
+        clock.advance(0)
+        clock.advance(100000)
+        transmit = FakeTransmit()
+        reports = []
+        outbox = Outbox(store, clock, transmit,
+                        lambda entry, refusal: reports.append((entry.record.messageId, refusal)),
+                        QueueConfig(giveUpAfter=86400.0))
+        outbox.start()
+        clock.advance(0)
+        clock.advance(0)
+        self.assertEqual(transmit.calls, [])
+        [(messageId, refusal)] = reports
+        self.assertEqual(messageId, "old")
+        self.assertIn("not delivered within 86400 s", refusal.text)
+        outbox.stop()
+
+    def test_accountKeyedByCanonicalAddress(self):
+        """
+        Case variants of one address share one rate-limit bucket.
+        """
+        a = self.network.server("10.0.0.1", [
+            {"name": "a.test", "backend": "memory",
+             "policy": {"account_rate": 1, "account_burst": 1}}])
+        domain = a.aggregator.domain("a.test")
+        sent = domain.sendMessage(message("alice@a.test", "bob@b.test", "m1"))
+        self.network.flush()
+        self.successResultOf(sent)
+        refused = domain.sendMessage(message("ALICE@a.test", "bob@b.test", "m2"))
+        self.assertEqual(self.failureResultOf(refused, Refused).value.code, ErrorCode.RATE_LIMITED)
+
+    def test_peerErrorTextCleanedInStatus(self):
+        """
+        A peer's ERROR text reaches the status line on one line and cut
+        short.
+        """
+        clock = Clock()
+        transmit = FakeTransmit()
+        outbox = Outbox(OutboundStore(Database(":memory:", clock)), clock, transmit,
+                        lambda entry, refusal: None, QueueConfig())
+        outbox.start()
+        clock.advance(0)
+        outbox.submit("a.test", "b.test", message("alice@a.test", "bob@b.test"))
+        clock.advance(0)
+        transmit.answer(0, RemoteError(Error(
+            code=ErrorCode.TEMPORARY_FAILURE, text="bad\nqueue-depth=0 " + "x" * 900)))
+        [line] = [v for k, v in outbox.status() if k == "queue.b.test"]
+        self.assertNotIn("\n", line)
+        self.assertLess(len(line), 400)
+        outbox.stop()
+
+    def test_stopDropsConnections(self):
+        """
+        Stopping the federation drops its connections, so no answer can
+        arrive after the database is closed; what was in flight is sent
+        again later.
+        """
+        a = self.network.server("10.0.0.1", ["a.test"])
+        self.network.server("10.0.0.2", ["b.test"])
+        domain = a.aggregator.domain("a.test")
+        sent = domain.sendMessage(message("alice@a.test", "bob@b.test"))
+        self.network.flush()
+        self.successResultOf(sent)
+        self.assertTrue(a.connections)
+        a.stop()
+        self.network.flush()
+        self.assertEqual(a.connections, set())

@@ -571,6 +571,39 @@ class SendingTests(SpoolTestsMixin, SynchronousTestCase):
         self.assertEqual(self.listing("sent"), ["1.json"])
 
 
+class ReportTests(SpoolTestsMixin, SynchronousTestCase):
+    """
+    Delivery reports move files from C{sent/}, also after a restart.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.backend.prepare()
+
+    def test_reportAfterRestart(self):
+        """
+        A file whose id is not its name, accepted before a restart, is found
+        by a new backend's report and moved to C{delivered/}; a failed one
+        to C{failed/} with its reason.
+        """
+        self.writeOutbox("2024-note.json", outgoing(id="note/1"))
+        self.writeOutbox("other.json", outgoing(id="other-id"))
+        self.start()
+        for _, sent in self.sender.sent:
+            sent.callback(None)
+        self.assertEqual(self.listing("sent"), ["2024-note.json", "other.json"])
+        self.backend.stop()
+        self.backend = SpoolBackend("a.test", self.directory, self.pollInterval)
+        self.start()
+        delivered, failed = [record for record, _ in self.sender.sent]
+        self.backend.deliveryReport(delivered, None)
+        self.backend.deliveryReport(failed, Refused(ErrorCode.UNKNOWN_USER, "no bob"))
+        self.assertEqual(self.listing("sent"), [])
+        self.assertEqual(self.listing("delivered"), ["2024-note.json"])
+        self.assertEqual(self.listing("failed"), ["other.json", "other.json.error"])
+        self.assertEqual(self.readJSON("failed", "other.json.error")["code"], 514)
+
+
 class RetryTests(SpoolTestsMixin, SynchronousTestCase):
     """
     A temporary refusal (4xx) keeps the file in C{outbox/} and it is tried

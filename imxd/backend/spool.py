@@ -153,6 +153,7 @@ class SpoolBackend:
             for name in os.listdir(self._path("inbox"))
             if name.endswith(".json")
         }
+        self._sentNames = self._idsInSent()
         self._sender = sender
         self._poller = task.LoopingCall(self.poll)
         self._poller.clock = sender.clock
@@ -203,13 +204,13 @@ class SpoolBackend:
         retry = self._retries.get(name)
         return retry is None or retry[2] <= now
 
-    def _read(self, name: str) -> Message:
+    def _read(self, name: str, directory: str = "outbox") -> Message:
         """
-        @return: the MESSAGE an outbox file describes.
+        @return: the MESSAGE an outbox (or sent) file describes.
         @raise Refused: C{malformed}, saying what is wrong with the file.
         """
         try:
-            with open(self._path("outbox", name), "rb") as f:
+            with open(self._path(directory, name), "rb") as f:
                 data = json.loads(f.read().decode("utf-8"))
             if not isinstance(data, dict):
                 raise ValueError("not a JSON object")
@@ -274,6 +275,20 @@ class SpoolBackend:
         )
         return True
 
+    def _idsInSent(self) -> dict:
+        """
+        @return: C{{message id: file name}} for the files in C{sent/} (the
+            messages imxd holds from before a restart), so that their
+            reports find them.
+        """
+        names = {}
+        for name in os.listdir(self._path("sent")):
+            try:
+                names[self._read(name, "sent").messageId] = name
+            except Refused:
+                continue
+        return names
+
     def _fail(self, source: str, name: str, refusal: Refused) -> None:
         """
         Move C{source} to C{failed/NAME} with its reason in NAME.error.
@@ -287,7 +302,8 @@ class SpoolBackend:
         Move the message's file from C{sent/} to C{delivered/}, or to
         C{failed/} with its reason (written there again if the sent file
         is gone); see L{IBackend.deliveryReport}.  The file is found by the
-        name it had (or, after a restart, as C{ID.json}).
+        name it had (read from the files in C{sent/} after a restart), or
+        else as C{ID.json}.
         """
         name = self._sentNames.pop(message.messageId, None)
         if name is None:

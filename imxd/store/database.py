@@ -58,7 +58,7 @@ class Database:
         try:
             if path != ":memory:" and not os.path.exists(path):
                 os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db = sqlite3.connect(path, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={DURABILITY_MODES[durability]}")
         except (OSError, sqlite3.Error) as e:
@@ -145,7 +145,10 @@ class Database:
                 else:
                     self._db.execute(*statement)
             self._db.execute("COMMIT")
-        except sqlite3.Error as e:
+        except Exception as e:
+            # Not only sqlite3.Error: a value SQLite cannot take (a lone
+            # surrogate, an integer too large) must not leave the
+            # connection inside a transaction for good.
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             self.log.error("cannot write {path}: {e}", path=self.path, e=e)

@@ -12,6 +12,9 @@ from zope.interface import implementer
 
 from imxd.store.interfaces import ISeenStore
 
+#: Ids forgotten per pruning at most.
+PRUNE_CHUNK = 20000
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS seen (
     origin TEXT NOT NULL,
@@ -76,14 +79,17 @@ class SeenStore:
             self._clearing = self.database.committed()
             self._clearing.addBoth(self._cleared)
 
-    def prune(self, before):
+    def prune(self, before, limit=PRUNE_CHUNK):
         """
-        See L{ISeenStore.prune}.
+        See L{ISeenStore.prune}; at most C{limit} ids at a time, so that
+        one pruning never holds the reactor long.
         """
-        [(count,)] = self.database.read("SELECT COUNT(*) FROM seen WHERE at < ?", (before,))
-        if count:
-            self.database.write("DELETE FROM seen WHERE at < ?", (before,))
-        return count
+        rows = self.database.read(
+            "SELECT origin, id FROM seen WHERE at < ? LIMIT ?", (before, limit)
+        )
+        if rows:
+            self.database.writeMany("DELETE FROM seen WHERE origin = ? AND id = ?", rows)
+        return len(rows)
 
     def committed(self):
         """

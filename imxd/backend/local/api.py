@@ -91,7 +91,7 @@ class APIError(Exception):
             status = _STATUS[refused.token]
         else:
             status = 503 if refused.temporary else 502
-        return cls(status, refused.token, refused.text or refused.token)
+        return cls(status, refused.token, refused.text or refused.token, refused.retryAfter)
 
 
 class Sessions:

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from imxd import content
-from imxd.address import Address, AddressError
+from imxd.address import POSTMASTER, Address, AddressError
 from imxd.backend import BackendError
 from imxd.backend.interfaces import IBackend
 from imxd.backend.local.store import AccountError, AccountStore
@@ -44,9 +44,6 @@ MAX_PENDING_REQUESTS = 100
 
 #: Seconds between housekeeping runs (expiry, pruning).
 HOUSEKEEPING_INTERVAL = 60.0
-
-#: The local part that sends delivery failure reports.
-POSTMASTER = "postmaster"
 
 #: The headers of a delivery failure report (protocol.md 12.6).
 FAILURE_HEADER = "X-IMX-Failure"
