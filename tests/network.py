@@ -138,7 +138,18 @@ class Network:
         self._ports = itertools.count(40000)
 
     def server(
-        self, host, domains, port=5275, secret=None, limits=None, tls=None, **timeouts
+        self,
+        host,
+        domains,
+        port=5275,
+        secret=None,
+        limits=None,
+        tls=None,
+        database=None,
+        queue=None,
+        connect=None,
+        randomness=None,
+        **timeouts,
     ):
         """
         Start an imxd server at C{host:port} hosting C{domains} and publish
@@ -147,6 +158,12 @@ class Network:
         @param domains: domain names (memory backends), or whole
             C{[[domain]]} tables.
         @param tls: an L{imxd.tls.TLSPolicy}, or L{None} for no TLS.
+        @param database: an L{imxd.store.Database} (a file one survives a
+            "restart"), or L{None} for a fresh one in memory.
+        @param queue: an L{imxd.config.QueueConfig}, or L{None} for the
+            defaults.
+        @param connect: the pool's connector, or L{None} for the network's.
+        @param randomness: the outbox's jitter source, or L{None}.
         @return: its L{Federation}.
         """
         tables = [d if isinstance(d, dict) else {"name": d, "backend": "memory"} for d in domains]
@@ -166,11 +183,15 @@ class Network:
             DialbackTokens(secret or host.encode() * 4, f"node-{host}"),
             DialbackSecrets(lifetime=timeouts.get("dialback", 15.0)),
             Discovery(self.resolver, self.clock),
-            self.connector(host),
+            connect if connect is not None else self.connector(host),
             limits or LimitsConfig(),
             dialbackTimeout=timeouts.get("dialback", 15.0),
             tls=tls,
+            database=database,
+            queue=queue,
         )
+        if randomness is not None:
+            federation.outbox.random = randomness
         aggregator.attachFederation(federation)
         aggregator.startService()
         federation.host = host

@@ -21,13 +21,9 @@ from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from imxd.aggregator import Aggregator
-from imxd.config import LimitsConfig, QueueConfig, parseConfig
-from imxd.dialback import DialbackSecrets, DialbackTokens
-from imxd.discovery import Discovery
-from imxd.federation import Federation
+from imxd.config import QueueConfig
 from imxd.outbox import SWEEP_INTERVAL, Outbox
-from imxd.peer import PeerSettings, Refused, RemoteError
+from imxd.peer import Refused, RemoteError
 from imxd.router import PRUNE_INTERVAL
 from imxd.store import Database, OutboundStore
 from imxd.wire import Ack, Error, ErrorCode
@@ -38,62 +34,14 @@ B = "10.0.0.2"
 C = "10.0.0.3"
 
 
-def makeServer(
-    network,
-    host,
-    domains,
-    port=5275,
-    limits=None,
-    queue=None,
-    database=None,
-    randomness=None,
-    connect=None,
-):
+def makeServer(network, host, domains, **options):
     """
-    Start an imxd server at C{host:port} as L{Network.server} does, with a
-    chosen queue configuration, database, connector and jitter source, and
-    publish C{_imx._tcp} SRV records for its domains.
+    Start an imxd server on C{network} (L{Network.server}), with a chosen
+    queue configuration, database, connector or jitter source.
 
-    @param domains: domain names (memory backends), or whole C{[[domain]]}
-        tables.
-    @param database: an L{imxd.store.Database}, or L{None} for a fresh one
-        in memory.
-    @param randomness: the outbox's jitter source, or L{None} for
-        L{random.random}.
-    @param connect: the pool's connector, or L{None} for the network's.
     @return: its L{Federation}.
     """
-    tables = [d if isinstance(d, dict) else {"name": d, "backend": "memory"} for d in domains]
-    config = parseConfig({"domain": tables}, "test.toml", ".")
-    aggregator = Aggregator(config)
-    settings = PeerSettings(
-        hostedDomains=aggregator.hostedDomains(),
-        handshakeTimeout=10.0,
-        keepaliveInterval=60.0,
-        idleTimeout=600.0,
-    )
-    federation = Federation(
-        network.clock,
-        settings,
-        aggregator,
-        DialbackTokens(host.encode() * 4, f"node-{host}"),
-        DialbackSecrets(lifetime=15.0),
-        Discovery(network.resolver, network.clock),
-        connect if connect is not None else network.connector(host),
-        limits or LimitsConfig(),
-        dialbackTimeout=15.0,
-        database=database,
-        queue=queue,
-    )
-    if randomness is not None:
-        federation.outbox.random = randomness
-    aggregator.attachFederation(federation)
-    aggregator.startService()
-    federation.host = host
-    network.servers[(host, port)] = federation
-    for table in tables:
-        network.publish(table["name"], (0, 0, port, f"imx.{host}"))
-    return federation
+    return network.server(host, domains, **options)
 
 
 def stopServer(testCase, network, server, port=5275):

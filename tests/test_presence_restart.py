@@ -13,12 +13,7 @@ from __future__ import annotations
 from twisted.internet.defer import maybeDeferred
 from twisted.trial.unittest import SynchronousTestCase
 
-from imxd.aggregator import Aggregator
-from imxd.config import LimitsConfig, parseConfig
-from imxd.dialback import DialbackSecrets, DialbackTokens
-from imxd.discovery import Discovery
-from imxd.federation import Federation
-from imxd.peer import PeerSettings, Refused
+from imxd.peer import Refused
 from imxd.presence import RESUME_SPREAD
 from imxd.store import Database, SubscriptionStore
 from imxd.wire import Renew, Subscribe
@@ -28,40 +23,11 @@ from tests.network import Network
 def fileServer(network, host, domains, path, port=5275):
     """
     Start an imxd server at C{host:port} hosting C{domains} (memory
-    backends) with its database in the file C{path}, as
-    L{tests.network.Network.server} does with one in memory.
+    backends) with its database in the file C{path}.
 
     @return: its L{Federation}.
     """
-    config = parseConfig(
-        {"domain": [{"name": d, "backend": "memory"} for d in domains]}, "test.toml", "."
-    )
-    aggregator = Aggregator(config)
-    settings = PeerSettings(
-        hostedDomains=aggregator.hostedDomains(),
-        handshakeTimeout=10.0,
-        keepaliveInterval=60.0,
-        idleTimeout=600.0,
-    )
-    federation = Federation(
-        network.clock,
-        settings,
-        aggregator,
-        DialbackTokens(host.encode() * 4, f"node-{host}"),
-        DialbackSecrets(lifetime=15.0),
-        Discovery(network.resolver, network.clock),
-        network.connector(host),
-        LimitsConfig(),
-        dialbackTimeout=15.0,
-        database=Database(path, network.clock),
-    )
-    aggregator.attachFederation(federation)
-    aggregator.startService()
-    federation.host = host
-    network.servers[(host, port)] = federation
-    for domain in domains:
-        network.publish(domain, (0, 0, port, f"imx.{host}"))
-    return federation
+    return network.server(host, domains, port=port, database=Database(path, network.clock))
 
 
 class RestartTests(SynchronousTestCase):

@@ -19,4 +19,5 @@ __all__ = [
     "QueuedMessage",
     "SeenStore",
     "StoreError",
+    "SubscriptionStore",
 ]
