@@ -722,12 +722,15 @@ class PeerProtocol(Protocol):
 
     def _handleClose(self, close):
         """
-        The peer is closing in order: answer with CLOSE and disconnect.
+        The peer is closing in order: answer with CLOSE and disconnect; a
+        peer that then does not read is dropped after L{CLOSE_GRACE}.
         """
         if not self._closeSent:
             self._writeClose(Close())
         self.state = PeerState.CLOSED
+        self._stopTimers()
         self.transport.loseConnection()
+        self._abortLater()
 
     def _handleUnexpected(self, record):
         """
@@ -861,8 +864,10 @@ class PeerProtocol(Protocol):
             self.transport.abortConnection()
             return
         self.state = PeerState.CLOSING
+        # No keepalive or idle close after CLOSE: no new requests (§9).
+        self._stopTimers()
         self._writeClose(Close(text=text))
-        self._closeTimer = self.clock.callLater(CLOSE_GRACE, self._abort)
+        self._abortLater()
 
     def _writeClose(self, close):
         """
@@ -900,9 +905,17 @@ class PeerProtocol(Protocol):
             # Nothing written now would reach the peer as IMX.
             self.transport.abortConnection()
             return
+        self._stopTimers()
         self.transport.write(encodeRecord(Error(tag=tag, code=code, text=errorText(text))))
         self.transport.loseConnection()
-        self._closeTimer = self.clock.callLater(CLOSE_GRACE, self._abort)
+        self._abortLater()
+
+    def _abortLater(self):
+        """
+        Drop the connection if it is not closed within L{CLOSE_GRACE}.
+        """
+        if self._closeTimer is None:
+            self._closeTimer = self.clock.callLater(CLOSE_GRACE, self._abort)
 
     def _abort(self):
         """
