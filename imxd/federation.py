@@ -47,8 +47,9 @@ from imxd.wire.records import RECORD_CLASSES
 #: Capabilities imxd announces on peer connections.
 CAPABILITIES = ("dialback", "redirect")
 
-#: The most tags one ACK carries.
-ACK_BATCH = 4096
+#: The most tags one ACK carries: 4000 tags make a 16,006-octet body,
+#: within the smallest MAX_RECORD a peer may announce (16,384).
+ACK_BATCH = 4000
 
 #: Seconds a draining server leaves a connection after sending REDIRECT,
 #: for requests in progress to finish, before it closes in order.

@@ -14,7 +14,10 @@ from imxd.config import LimitsConfig, PolicyConfig
 from imxd.peer import PeerFactory, PeerSettings, PeerState, Refused, RemoteError
 from imxd.pool import MAX_REDIRECTS, REQUEST_TIMEOUT, Redirection, RedirectTarget
 from imxd.wire import (
+    HEADER_SIZE,
+    MINIMUM_MAX_RECORD,
     Ack,
+    encodeRecord,
     DialbackKey,
     DialbackResult,
     DialbackSecret,
@@ -23,7 +26,7 @@ from imxd.wire import (
     ErrorCode,
     Redirect,
 )
-from imxd.federation import FederationProtocol
+from imxd.federation import ACK_BATCH, FederationProtocol
 from tests.network import Network, Stranger, message
 
 
@@ -884,3 +887,17 @@ class HardeningTests(FederationTestsMixin, SynchronousTestCase):
         self.network.advance(16)
         self.assertIs(check.state, PeerState.CLOSED)
         self.assertEqual(self.b.counters["verification-closes"], 1)
+
+
+class AckBatchTests(SynchronousTestCase):
+    """
+    One ACK never outgrows the smallest record a peer may accept.
+    """
+
+    def test_fullBatchFitsTheSmallestRecord(self):
+        """
+        An ACK of L{ACK_BATCH} tags (the largest tags) encodes within
+        MINIMUM_MAX_RECORD.
+        """
+        ack = Ack(tags=tuple(range(2**32 - ACK_BATCH, 2**32)))
+        self.assertLessEqual(len(encodeRecord(ack)) - HEADER_SIZE, MINIMUM_MAX_RECORD)
