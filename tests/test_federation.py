@@ -7,7 +7,9 @@ servers (L{tests.network}).
 from __future__ import annotations
 
 import attrs
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail
+from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from imxd.config import LimitsConfig, PolicyConfig
@@ -901,3 +903,59 @@ class AckBatchTests(SynchronousTestCase):
         """
         ack = Ack(tags=tuple(range(2**32 - ACK_BATCH, 2**32)))
         self.assertLessEqual(len(encodeRecord(ack)) - HEADER_SIZE, MINIMUM_MAX_RECORD)
+
+
+class BackPressureTests(FederationTestsMixin, SynchronousTestCase):
+    """
+    A slow backend or a peer that does not read cannot make the server
+    hold more and more.
+    """
+
+    def test_busyDomainRefusesForNow(self):
+        """
+        A hosted domain handling max_requests_in_progress records refuses
+        more with a temporary resource-limit and RETRY_AFTER; another
+        domain on the same server (and connection) is not held up, and the
+        domain takes records again once its backend answers.
+        """
+        c = self.network.server(
+            "10.0.0.5", ["e.test", "f.test"], limits=LimitsConfig(maxRequestsInProgress=2)
+        )
+        pending = []
+
+        def slow(message):
+            pending.append(Deferred())
+            return pending[-1]
+
+        backendOf(c, "e.test").deliverMessage = slow
+        sent = [send(self.a, message("alice@a.test", f"u{n}@e.test", f"m{n}")) for n in range(3)]
+        self.network.flush()
+        refusal = self.failureResultOf(sent[2], RemoteError).value
+        self.assertEqual((refusal.code, refusal.retryAfter), (ErrorCode.RESOURCE_LIMIT, 1))
+        self.assertEqual(dict(c.status())["count.busy-refusals"], 1)
+        other = send(self.a, message("alice@a.test", "u@f.test", "f1"))
+        self.network.flush()
+        self.assertIsInstance(self.successResultOf(other), Ack)
+        pending[0].callback(None)
+        self.network.flush()
+        self.assertIsInstance(self.successResultOf(sent[0]), Ack)
+        again = send(self.a, message("alice@a.test", "u9@e.test", "m9"))
+        self.network.flush()
+        self.assertNoResult(again)
+        self.assertEqual(len(pending), 3)
+
+    def test_peerThatDoesNotReadIsNotRead(self):
+        """
+        When the transport's write buffer to a peer fills (it pauses the
+        protocol as its producer), reading from that peer pauses until the
+        buffer drains.
+        """
+        protocol = self.b.buildProtocol(IPv4Address("TCP", "10.6.6.6", 4000))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.assertIs(transport.producer, protocol)
+        protocol.pauseProducing()
+        self.assertEqual(transport.producerState, "paused")
+        protocol.resumeProducing()
+        self.assertEqual(transport.producerState, "producing")
+        self.assertEqual(dict(self.b.status())["count.reads-paused"], 1)
