@@ -211,15 +211,18 @@ class Router:
             domain's C{account_rate}.  The domain's postmaster (failure
             reports) is never limited.
         """
-        sender = str(Address.parse(sender))
-        if sender.rpartition("@")[0] == POSTMASTER:
-            return
         limiter = self._accountLimits.get(fromDomain)
         if limiter is None:
             policy = self.aggregator.domain(fromDomain).config.policy
             limiter = self._accountLimits[fromDomain] = RateLimiter(
                 self.clock, policy.accountRate, policy.accountBurst, policy.rateExempt
             )
+        if not limiter.rate:
+            # No limit: not even the address is parsed again.
+            return
+        sender = str(Address.parse(sender))
+        if sender.rpartition("@")[0] == POSTMASTER:
+            return
         retryAfter = limiter.take(sender)
         if retryAfter is not None:
             raise Refused(

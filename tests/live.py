@@ -385,31 +385,37 @@ IMXCTL = [
 
 class DNSServer:
     """
-    C{twistd dns} on 127.0.0.1 serving the zone C{test} from Python source.
+    C{twistd dns} serving the zone C{test} from Python source, on
+    127.0.0.1 unless another loopback address is given.
     """
 
-    def __init__(self, base: str):
+    def __init__(self, base: str, interface: str = "127.0.0.1"):
         self.directory = os.path.join(base, "dns")
         os.makedirs(self.directory, exist_ok=True)
-        self.port = freePort("127.0.0.1")
+        self.interface = interface
+        self.port = freePort(interface)
         self.records = []
         self.process = None
+
+    def target(self, domain: str, name: str, host: str, port: int, priority=0) -> None:
+        """
+        Publish C{_imx._tcp.<domain>} pointing at C{name}, whose address
+        is C{host}.
+        """
+        self.records.append(f"SRV('_imx._tcp.{domain}', {priority}, 0, {port}, '{name}', ttl=2)")
+        self.records.append(f"A('{name}', '{host}', ttl=2)")
 
     def serve(self, server: Server, domain: str, priority=10) -> None:
         """
         Publish C{_imx._tcp.<domain>} pointing at C{server}.
         """
-        target = f"imx-{server.name}.test"
-        self.records.append(f"SRV('_imx._tcp.{domain}', {priority}, 0, {server.port}, '{target}', ttl=2)")
-        self.records.append(f"A('{target}', '{server.host}', ttl=2)")
+        self.target(domain, f"imx-{server.name}.test", server.host, server.port, priority)
 
     def dead(self, domain: str, host: str, port: int, priority=0) -> None:
         """
         Publish a target for C{domain} where nothing listens.
         """
-        target = f"dead-{host.replace('.', '-')}.test"
-        self.records.append(f"SRV('_imx._tcp.{domain}', {priority}, 0, {port}, '{target}', ttl=2)")
-        self.records.append(f"A('{target}', '{host}', ttl=2)")
+        self.target(domain, f"dead-{host.replace('.', '-')}.test", host, port, priority)
 
     def start(self) -> None:
         """
@@ -426,7 +432,7 @@ class DNSServer:
         self.log = open(os.path.join(self.directory, "twistd.log"), "a")
         self.process = subprocess.Popen(
             [*TWISTD, "-n", "--pidfile=", "dns", "--pyzone", zone,
-             "--interface", "127.0.0.1", "--port", str(self.port)],
+             "--interface", self.interface, "--port", str(self.port)],
             cwd=self.directory,
             stdin=subprocess.DEVNULL,
             stdout=self.log,
@@ -437,7 +443,7 @@ class DNSServer:
             if self.process.poll() is not None:
                 raise AssertionError("the DNS server exited")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1.0):
+                with socket.create_connection((self.interface, self.port), timeout=1.0):
                     return True
             except OSError:
                 return False

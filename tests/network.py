@@ -18,6 +18,7 @@ from twisted.internet.interfaces import ISSLTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.internet.task import Clock
 from twisted.names import dns, error
+from twisted.python.failure import Failure
 from twisted.test import iosim
 from zope.interface import alsoProvides
 
@@ -199,6 +200,37 @@ class Network:
         for domain in domains:
             self.publish(domain, (0, 0, port, f"imx.{host}"))
         return federation
+
+    def stop(self, server, port=5275):
+        """
+        Stop a server started by L{server}: its services (the backends,
+        the outbox), its connections (the other side sees them lost), its
+        database; and take it off the network.
+
+        @raise AssertionError: stopping did not finish at once, or failed.
+        """
+        stopped = []
+        defer.maybeDeferred(server.aggregator.stopService).addBoth(stopped.append)
+        if len(stopped) != 1 or isinstance(stopped[0], Failure):
+            raise AssertionError(f"stopping {server.host} gave {stopped!r}")
+        for connection in list(server.connections):
+            connection.transport.abortConnection()
+        self.flush()
+        self.servers.pop((server.host, port), None)
+        server.database.close()
+
+    def domain(self, address):
+        """
+        @return: the hosted domain of C{address} (an address or a domain),
+            on whichever server hosts it.
+        @raise KeyError: no server hosts it.
+        """
+        name = address.rsplit("@", 1)[-1]
+        for server in self.servers.values():
+            found = server.aggregator.domain(name)
+            if found is not None:
+                return found
+        raise KeyError(address)
 
     def publish(self, domain, *records):
         """

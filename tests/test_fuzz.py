@@ -101,6 +101,7 @@ from imxd.wire.errors import MustUnderstand
 from imxd.wire.fields import FIELD_HEADER
 from imxd.wire.framing import HEADER
 from imxd.wire.records import DATA_TYPES
+from tests.live import DNSServer, freePort
 from tests.network import Network
 from tests.support import TWISTD, WAIT
 
@@ -1481,10 +1482,12 @@ class LiveFuzzTests(SynchronousTestCase):
     def setUp(self):
         self.base = tempfile.mkdtemp(prefix="imxd-live-fuzz-")
         self.addCleanup(shutil.rmtree, self.base, True)
-        self.dnsPort = _freePort(LIVE_CLIENT)
-        self.port = _freePort(LIVE_HOST)
-        self.deadPort = _freePort(LIVE_DEAD)
-        self.dns = self.spawn("dns", self.startDNS())
+        self.port = freePort(LIVE_HOST)
+        self.dns = DNSServer(self.base, interface=LIVE_CLIENT)
+        self.dns.target("evil.test", "imx-self.test", LIVE_HOST, self.port)
+        self.dns.dead("dead.test", LIVE_DEAD, freePort(LIVE_DEAD))
+        self.addCleanup(self.dns.stop)
+        self.dns.start()
         self.server = self.spawn("imxd", self.startServer())
         self.waitListening(self.server, LIVE_HOST, self.port)
 
@@ -1507,21 +1510,6 @@ class LiveFuzzTests(SynchronousTestCase):
         self.addCleanup(_stop, process)
         return process
 
-    def startDNS(self):
-        zone = os.path.join(self.base, "test.zone.py")
-        with open(zone, "w") as f:
-            f.write(
-                "zone = [\n"
-                "    SOA('test', mname='ns.test', rname='root.test', serial=1, refresh=60,"
-                " retry=60, expire=60, minimum=1, ttl=2),\n"
-                f"    SRV('_imx._tcp.evil.test', 0, 0, {self.port}, 'imx-self.test', ttl=2),\n"
-                f"    A('imx-self.test', '{LIVE_HOST}', ttl=2),\n"
-                f"    SRV('_imx._tcp.dead.test', 0, 0, {self.deadPort}, 'dead.test', ttl=2),\n"
-                f"    A('dead.test', '{LIVE_DEAD}', ttl=2),\n"
-                "]\n"
-            )
-        return ["dns", "--pyzone", zone, "--interface", LIVE_CLIENT, "--port", str(self.dnsPort)]
-
     def startServer(self):
         config = os.path.join(self.base, "imxd.toml")
         with open(config, "w") as f:
@@ -1529,7 +1517,7 @@ class LiveFuzzTests(SynchronousTestCase):
                 "[server]\n"
                 'state_dir = "state"\n'
                 f'listen = ["tcp:port={self.port}:interface={LIVE_HOST}"]\n'
-                f'dns_servers = ["{LIVE_CLIENT}:{self.dnsPort}"]\n'
+                f'dns_servers = ["{LIVE_CLIENT}:{self.dns.port}"]\n'
                 "[server.timeouts]\n"
                 "handshake = 2.0\n"
                 "dialback = 3.0\n"
@@ -1733,12 +1721,6 @@ def _drain(sock, reader, timeout):
         if not data:
             return True
         reader.feed(data)
-
-
-def _freePort(host):
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _stop(process):

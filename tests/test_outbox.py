@@ -17,7 +17,7 @@ import itertools
 import json
 import os
 
-from twisted.internet.defer import Deferred, fail, maybeDeferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -42,19 +42,6 @@ def makeServer(network, host, domains, **options):
     @return: its L{Federation}.
     """
     return network.server(host, domains, **options)
-
-
-def stopServer(testCase, network, server, port=5275):
-    """
-    Stop a server: its services (which close its database), its
-    connections (the other side sees them lost); take it off the network.
-    """
-    testCase.successResultOf(maybeDeferred(server.aggregator.stopService))
-    for connection in list(server.connections):
-        connection.transport.abortConnection()
-    network.flush()
-    network.servers.pop((server.host, port), None)
-    server.database.close()
 
 
 class CountingConnector:
@@ -564,7 +551,7 @@ class RestartTests(SynchronousTestCase):
             self.network.flush()
             self.successResultOf(sent)
         self.assertEqual(old.outbox.depth, 5)
-        stopServer(self, self.network, old)
+        self.network.stop(old)
 
         self.network.advance(30)
         new = self.sender()
@@ -585,7 +572,7 @@ class RestartTests(SynchronousTestCase):
         self.assertEqual(rows(new), [])
         self.network.advance(300, step=30)
         self.assertEqual(len(backendOf(b, "b.test").messages), 6)
-        stopServer(self, self.network, new)
+        self.network.stop(new)
 
     def test_restartEmpty(self):
         """
@@ -597,13 +584,13 @@ class RestartTests(SynchronousTestCase):
         self.network.flush()
         self.successResultOf(sent)
         self.assertEqual(len(backendOf(b, "b.test").messages), 1)
-        stopServer(self, self.network, old)
+        self.network.stop(old)
         new = self.sender()
         self.network.advance(60, step=5)
         self.assertEqual(new.outbox.depth, 0)
         self.assertEqual(len(backendOf(b, "b.test").messages), 1)
         self.assertEqual(backendOf(new, "a.test").reports, [])
-        stopServer(self, self.network, new)
+        self.network.stop(new)
 
 
 class StatusTests(NetworkMixin, SynchronousTestCase):
@@ -715,7 +702,7 @@ class DedupeTests(SynchronousTestCase):
         """
         record = message("alice@a.test", "bob@b.test", "m1")
         self.successResultOf(self.route(self.a, record))
-        stopServer(self, self.network, self.b)
+        self.network.stop(self.b)
         self.b = self.receiver()
         self.assertIsInstance(self.successResultOf(self.route(self.a, record)), Ack)
         self.assertEqual(self.backend().messages, [])
@@ -813,7 +800,7 @@ class DedupeTests(SynchronousTestCase):
         Ids older than C{dedupe_window} are forgotten by the next prune:
         the same id is then delivered again.
         """
-        stopServer(self, self.network, self.b)
+        self.network.stop(self.b)
         self.b = self.receiver(queue=QueueConfig(giveUpAfter=3600.0, dedupeWindow=7200.0))
         record = message("alice@a.test", "bob@b.test", "m1")
         self.successResultOf(self.route(self.a, record))
@@ -1239,7 +1226,7 @@ class ReviewRegressionTests(SynchronousTestCase):
         self.assertEqual(a.outbox.depth, 0)
         self.assertEqual(a.outbox.counters["delivered"], 1)
         self.assertEqual(os.listdir(os.path.join(spool, "delivered")), ["m1.json"])
-        stopServer(self, self.network, a)
+        self.network.stop(a)
 
     def test_reportAfterRemovalIsDurable(self):
         """

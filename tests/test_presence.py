@@ -14,6 +14,18 @@ from imxd.wire import ErrorCode, Notify, Subscribe
 from tests.network import Network, message
 
 
+def presencesOf(backend, subscriber):
+    """
+    @return: C{[(publisher, presence)]} a memory backend was told for
+        C{subscriber}.
+    """
+    return [
+        (n.publisher, n.presence)
+        for n in backend.notifications
+        if subscriber in n.subscribers
+    ]
+
+
 class PresenceTestsMixin:
     """
     A (a.test), B (b.test) and C (c.test, d.test) on one in-memory network.
@@ -26,11 +38,7 @@ class PresenceTestsMixin:
         self.c = self.network.server("10.0.0.3", ["c.test", "d.test"])
 
     def domain(self, address):
-        for server in (self.a, self.b, self.c):
-            found = server.aggregator.domain(address.rsplit("@", 1)[1])
-            if found is not None:
-                return found
-        raise KeyError(address)
+        return self.network.domain(address)
 
     def backend(self, address):
         return self.domain(address).backend
@@ -46,14 +54,7 @@ class PresenceTestsMixin:
         return self.settle(self.domain(subscriber).subscribe(subscriber, publisher))
 
     def presences(self, subscriber):
-        """
-        @return: C{[(publisher, presence)]} notified to C{subscriber}.
-        """
-        return [
-            (n.publisher, n.presence)
-            for n in self.backend(subscriber).notifications
-            if subscriber in n.subscribers
-        ]
+        return presencesOf(self.backend(subscriber), subscriber)
 
 
 class SubscriptionTests(PresenceTestsMixin, SynchronousTestCase):

@@ -10,7 +10,6 @@ server on the same file, on the same clock.
 
 from __future__ import annotations
 
-from twisted.internet.defer import maybeDeferred
 from twisted.trial.unittest import SynchronousTestCase
 
 from imxd.peer import Refused
@@ -18,6 +17,7 @@ from imxd.presence import RESUME_SPREAD
 from imxd.store import Database, SubscriptionStore
 from imxd.wire import Renew, Subscribe
 from tests.network import Network
+from tests.test_presence import presencesOf
 
 
 def fileServer(network, host, domains, path, port=5275):
@@ -55,16 +55,9 @@ class RestartTests(SynchronousTestCase):
 
     def stop(self, host):
         """
-        Stop the server at C{host}: its services, its connections (the
-        other side sees them lost), its database.
+        Stop the server at C{host}, database and all.
         """
-        server = self.hosts.pop(host)
-        self.successResultOf(maybeDeferred(server.aggregator.stopService))
-        for connection in list(server.connections):
-            connection.transport.abortConnection()
-        self.network.flush()
-        del self.network.servers[(host, 5275)]
-        server.database.close()
+        self.network.stop(self.hosts.pop(host))
 
     def restart(self, host, domains=None):
         """
@@ -80,12 +73,7 @@ class RestartTests(SynchronousTestCase):
             self.stop(host)
 
     def domain(self, address):
-        name = address.rsplit("@", 1)[-1]
-        for server in self.hosts.values():
-            found = server.aggregator.domain(name)
-            if found is not None:
-                return found
-        raise KeyError(address)
+        return self.network.domain(address)
 
     def backend(self, address):
         return self.domain(address).backend
@@ -99,14 +87,7 @@ class RestartTests(SynchronousTestCase):
         return self.successResultOf(deferred)
 
     def presences(self, subscriber):
-        """
-        @return: C{[(publisher, presence)]} notified to C{subscriber}.
-        """
-        return [
-            (n.publisher, n.presence)
-            for n in self.backend(subscriber).notifications
-            if subscriber in n.subscribers
-        ]
+        return presencesOf(self.backend(subscriber), subscriber)
 
     def subscribers(self, publisher):
         return self.domain(publisher).presence.subscribers(publisher)

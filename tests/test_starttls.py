@@ -14,6 +14,7 @@ import datetime
 import os
 
 import trustme
+from cryptography import x509
 from twisted.trial.unittest import SynchronousTestCase
 
 from imxd.peer import PeerFactory, PeerSettings, PeerState, Refused, RemoteError
@@ -183,13 +184,7 @@ class UpgradeTests(TLSNetworkMixin, SynchronousTestCase):
         """
         domains = ["beta.test", "gamma.test", "delta.test"]
         certificates = {d: self.certificate(d, d) for d in domains}
-        alpha = self.network.server(
-            "10.0.0.1",
-            ["alpha.test"],
-            tls=self.policy(
-                {"alpha.test": self.certificate("a", "alpha.test")}, {"alpha.test": "required"}
-            ),
-        )
+        alpha = self.serving("10.0.0.1", "alpha.test", "required")
         self.network.server(
             "10.0.0.2",
             domains,
@@ -204,8 +199,8 @@ class UpgradeTests(TLSNetworkMixin, SynchronousTestCase):
             self.assertTrue(connection.tlsActive)
             seen = connection.transport.getHandle().get_peer_certificate().to_cryptography()
             names = seen.extensions.get_extension_for_class(
-                __import__("cryptography.x509", fromlist=["x"]).SubjectAlternativeName
-            ).value.get_values_for_type(__import__("cryptography.x509", fromlist=["x"]).DNSName)
+                x509.SubjectAlternativeName
+            ).value.get_values_for_type(x509.DNSName)
             self.assertEqual(names, [domain])
 
     def test_oneCertificateForSeveralDomains(self):
@@ -213,13 +208,7 @@ class UpgradeTests(TLSNetworkMixin, SynchronousTestCase):
         One certificate whose SAN names two hosted domains serves both.
         """
         shared = self.certificate("shared", "beta.test", "gamma.test")
-        alpha = self.network.server(
-            "10.0.0.1",
-            ["alpha.test"],
-            tls=self.policy(
-                {"alpha.test": self.certificate("a", "alpha.test")}, {"alpha.test": "required"}
-            ),
-        )
+        alpha = self.serving("10.0.0.1", "alpha.test", "required")
         self.network.server(
             "10.0.0.2",
             ["beta.test", "gamma.test"],

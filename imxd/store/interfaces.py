@@ -45,7 +45,7 @@ class ISeenStore(Interface):
     def contains(origin, messageId):
         """
         @return: whether a message with this id from this origin domain was
-            received within the window.
+            received within the window (and its L{add} committed).
         """
 
     def add(origin, messageId, at):
