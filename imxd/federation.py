@@ -32,7 +32,6 @@ from imxd.store import Database, OutboundStore, SeenStore
 from imxd.waiters import Waiters
 from imxd.wire import (
     DATA_TYPES,
-    Ack,
     DialbackKey,
     DialbackResult,
     DialbackSecret,
@@ -46,10 +45,6 @@ from imxd.wire.records import RECORD_CLASSES
 
 #: Capabilities imxd announces on peer connections.
 CAPABILITIES = ("dialback", "redirect")
-
-#: The most tags one ACK carries: 4000 tags make a 16,006-octet body,
-#: within the smallest MAX_RECORD a peer may announce (16,384).
-ACK_BATCH = 4000
 
 #: Seconds a draining server leaves a connection after sending REDIRECT,
 #: for requests in progress to finish, before it closes in order.
@@ -123,8 +118,6 @@ class FederationProtocol(PeerProtocol):
         self._retired = False
         self._drainTimer = None
         self._open = Waiters()
-        self._acks = []
-        self._reading = False
 
     # -- life ---------------------------------------------------------------
 
@@ -310,52 +303,6 @@ class FederationProtocol(PeerProtocol):
                 waiters.fire(lost)
         self.federation.secrets.forgetConnection(self.connectionId)
 
-    def dataReceived(self, data):
-        """
-        Process the bytes, then send one ACK for every request accepted
-        while doing so.
-        """
-        self._reading = True
-        try:
-            super().dataReceived(data)
-        finally:
-            self._reading = False
-        self._flushAcks()
-
-    # -- acknowledgements ---------------------------------------------------
-
-    def acknowledge(self, tag):
-        """
-        Accept a request: its tag joins the next ACK, sent when the current
-        input has been processed (or now, when no input is being read).
-        """
-        self._acks.append(tag)
-        if not self._reading:
-            self._flushAcks()
-
-    def _flushAcks(self):
-        """
-        Send the ACKs gathered, at most L{ACK_BATCH} tags per record.
-        """
-        acks, self._acks = self._acks, []
-        if self.state is PeerState.CLOSED:
-            return
-        for start in range(0, len(acks), ACK_BATCH):
-            self.sendRecord(Ack(tags=tuple(acks[start : start + ACK_BATCH])))
-
-    def _answerRefusal(self, failure, tag, what):
-        """
-        Answer a request that failed with its ERROR.
-        """
-        if failure.check(Refused):
-            refusal = failure.value
-        else:
-            self.log.failure("{what} failed", failure, what=what)
-            refusal = Refused(ErrorCode.INTERNAL_ERROR, f"{what} failed")
-        self.factory.count("requests-refused")
-        if self.state is not PeerState.CLOSED:
-            self.sendRecord(refusal.toError(tag))
-
     # -- Data ------------------------------------------------------------
 
     def _handleData(self, record):
@@ -400,22 +347,7 @@ class FederationProtocol(PeerProtocol):
             return
         self.noteActivity()
         self.factory.count("data-received")
-        delivered = self.federation.router.deliver(record, origin, receiving)
-        delivered.addCallbacks(
-            self._answerAccepted,
-            callbackArgs=(record.tag,),
-            errback=self._answerRefusal,
-            errbackArgs=(record.tag, f"delivery of {type(record).__name__}"),
-        )
-
-    def _answerAccepted(self, response, tag):
-        """
-        A request was accepted: ACK it, or send its response record.
-        """
-        if response is None:
-            self.acknowledge(tag)
-        elif self.state is not PeerState.CLOSED:
-            self.sendRecord(attrs.evolve(response, tag=tag, response=True))
+        self.answer(self.federation.router.deliver(record, origin, receiving), record)
 
     def _trusts(self, origin, receiving):
         """

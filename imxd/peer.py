@@ -55,6 +55,10 @@ from imxd.wire import (
 #: connection's last bytes to drain, before the TCP connection is aborted.
 CLOSE_GRACE = 5.0
 
+#: The most tags one ACK carries: 4000 tags make a 16,006-octet body,
+#: within the smallest MAX_RECORD a peer may announce (16,384).
+ACK_BATCH = 4000
+
 
 @attrs.frozen
 class PeerSettings:
@@ -65,7 +69,8 @@ class PeerSettings:
     @ivar handshakeTimeout: seconds allowed from connect until HELLO is done.
     @ivar keepaliveInterval: seconds of silence before a PING is sent; the
         peer is dropped when no PONG comes back within the same interval.
-    @ivar idleTimeout: seconds without Data before an orderly CLOSE.
+    @ivar idleTimeout: seconds without Data before an orderly CLOSE (0:
+        never).
     @ivar maxRecordSize: largest record body accepted, announced in HELLO.
     @ivar software: product token announced in HELLO.
     """
@@ -243,6 +248,8 @@ class PeerProtocol(Protocol):
         self._upgradeTag = 0
         self._announced = ()
         self._pausedFor = set()
+        self._acks = []
+        self._reading = False
 
     # -- life -------------------------------------------------------------
 
@@ -409,7 +416,8 @@ class PeerProtocol(Protocol):
         self._keepaliveTimer = self.clock.callLater(
             self.settings.keepaliveInterval, self._keepaliveDue
         )
-        self._idleTimer = self.clock.callLater(self.settings.idleTimeout, self._idleDue)
+        if self.settings.idleTimeout:
+            self._idleTimer = self.clock.callLater(self.settings.idleTimeout, self._idleDue)
 
     def _stopTimers(self):
         """
@@ -423,6 +431,18 @@ class PeerProtocol(Protocol):
     # -- receiving ----------------------------------------------------------
 
     def dataReceived(self, data):
+        """
+        Decode and dispatch every complete record, then send one ACK for
+        every request accepted while doing so.
+        """
+        self._reading = True
+        try:
+            self._readRecords(data)
+        finally:
+            self._reading = False
+        self._flushAcks()
+
+    def _readRecords(self, data):
         """
         Decode and dispatch every complete record; refuse bad input.
         """
@@ -795,6 +815,67 @@ class PeerProtocol(Protocol):
             text = f"{type(record).__name__} is not served on this connection"
         self.factory.count("records-refused")
         self.sendRecord(Error(tag=record.tag, code=code, text=text))
+
+    # -- answering -------------------------------------------------------------
+
+    def acknowledge(self, tag):
+        """
+        Accept a request: its tag joins the next ACK, sent when the current
+        input has been processed (or now, when no input is being read).
+        """
+        self._acks.append(tag)
+        if not self._reading:
+            self._flushAcks()
+
+    def _flushAcks(self):
+        """
+        Send the ACKs gathered, at most L{ACK_BATCH} tags per record.
+        """
+        acks, self._acks = self._acks, []
+        if self.state is PeerState.CLOSED or not acks:
+            return
+        for start in range(0, len(acks), ACK_BATCH):
+            self.sendRecord(Ack(tags=tuple(acks[start : start + ACK_BATCH])))
+
+    def answer(self, result, request):
+        """
+        Answer C{request} when C{result} fires: with ACK for L{None}, with a
+        response record, or with the ERROR of a refusal.
+
+        @param result: a L{Deferred} of the outcome.
+        @param request: the request record (its tag and, should it fail
+            unexpectedly, its type name for the log).
+        """
+        result.addCallbacks(
+            self.answerAccepted,
+            self.answerRefusal,
+            callbackArgs=(request.tag,),
+            errbackArgs=(request.tag, type(request)),
+        )
+
+    def answerRefusal(self, failure, tag, requestType):
+        """
+        Answer a request that failed with its ERROR (an unexpected failure
+        is logged and answered C{internal-error}).
+        """
+        if failure.check(Refused):
+            refusal = failure.value
+        else:
+            what = f"{requestType.__name__} {tag}"
+            self.log.failure("{what} failed", failure, what=what)
+            refusal = Refused(ErrorCode.INTERNAL_ERROR, f"{what} failed")
+        self.factory.count("requests-refused")
+        if self.state is not PeerState.CLOSED:
+            self.sendRecord(refusal.toError(tag))
+
+    def answerAccepted(self, response, tag):
+        """
+        A request was accepted: ACK it, or send its response record.
+        """
+        if response is None:
+            self.acknowledge(tag)
+        elif self.state is not PeerState.CLOSED:
+            self.sendRecord(attrs.evolve(response, tag=tag, response=True))
 
     # -- sending ------------------------------------------------------------
 

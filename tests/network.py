@@ -350,3 +350,47 @@ def message(sender, recipient, messageId="m1", body=b"hello"):
         contentType="text/plain; charset=utf-8",
         body=body,
     )
+
+
+def linkTable(domain, secret):
+    """
+    @return: the C{[[domain]]} table of a domain served by the C{link}
+        backend with C{secret}.
+    """
+    return {
+        "name": domain,
+        "backend": "link",
+        "backend_options": {"listen": "tcp:5280", "secret": secret.decode()},
+    }
+
+
+def linkClient(network, server, domains, handler, secrets):
+    """
+    Start a L{imxd.link.LinkClient} for C{domains} hosted on C{server} (a
+    L{Federation} from L{Network.server}), connected through the network's
+    pumps and reconnecting on its clock.
+
+    @param secrets: the secret of each domain, by domain (a wrong one tests
+        refusals).
+    @return: the started client; C{client.endpoint.attempts} counts its
+        connection attempts.
+    """
+    from imxd.backend.link import LinkFactory
+    from imxd.link import LinkClient
+    from tests.linking import CallableEndpoint
+
+    factory = LinkFactory(
+        network.clock, [server.aggregator.domain(domain).backend for domain in domains]
+    )
+
+    def connect(protocol):
+        serverAddress = IPv4Address("TCP", server.host, 5280)
+        clientAddress = IPv4Address("TCP", "127.0.0.1", next(network._ports))
+        network.join(factory.buildProtocol(clientAddress), protocol, serverAddress, clientAddress)
+
+    endpoint = CallableEndpoint(connect)
+    client = LinkClient(network.clock, endpoint, secrets, handler)
+    client.endpoint = endpoint
+    client.startService()
+    network.flush()
+    return client

@@ -28,7 +28,8 @@ from imxd.wire import (
     ErrorCode,
     Redirect,
 )
-from imxd.federation import ACK_BATCH, FederationProtocol
+from imxd.federation import FederationProtocol
+from imxd.peer import ACK_BATCH
 from tests.network import Network, Stranger, message
 
 

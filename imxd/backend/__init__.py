@@ -149,7 +149,7 @@ def _unknownKind(kind: str) -> str:
 
 
 def _registerBuiltins() -> None:
-    from imxd.backend import memory, spool
+    from imxd.backend import link, memory, spool
     from imxd.backend.local import api, backend
 
     registerBackend("memory", memory.MemoryBackend.fromConfig, memory.validateOptions)
@@ -159,6 +159,9 @@ def _registerBuiltins() -> None:
         backend.LocalBackend.fromConfig,
         backend.validateOptions,
         api.clientAPIServices,
+    )
+    registerBackend(
+        "link", link.LinkBackend.fromConfig, link.validateOptions, link.linkServices
     )
 
 

@@ -67,6 +67,10 @@ class RecordType(enum.IntEnum):
     DOMAIN_ATTRIBUTES_GET = 0x0131
     ATTRIBUTES = 0x0132
 
+    LINK_AUTH = 0x7E01
+    PUBLISH = 0x7E02
+    REPORT = 0x7E03
+
     DRAIN = 0x7F01
     STATUS = 0x7F02
     STATUS_RESULT = 0x7F03

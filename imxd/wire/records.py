@@ -382,6 +382,45 @@ class Attributes(Record):
     ttl: int = wireField(Field.TTL)
 
 
+# -- backend link records (link connections only) --------------------------
+
+
+@record(RecordType.LINK_AUTH)
+class LinkAuth(Record):
+    """
+    Link: the backend proves it serves C{domain} with the domain's secret.
+    """
+
+    domain: str = wireField(Field.TO_DOMAIN, required=True)
+    secret: bytes = wireField(Field.SECRET, required=True)
+
+
+@record(RecordType.PUBLISH)
+class Publish(Record):
+    """
+    Link: a user's presence changed; imxd notifies every subscriber.
+    """
+
+    user: str = wireField(Field.FROM, required=True)
+    presence: str = wireField(Field.PRESENCE, required=True)
+    status: str = wireField(Field.STATUS)
+    attributes: tuple = wireField(Field.ATTRIBUTE, repeated=True)
+
+
+@record(RecordType.REPORT)
+class Report(Record):
+    """
+    Link: what became of a message the backend sent: delivered (no CODE)
+    or failed for good (the CODE and TEXT of the refusal).
+    """
+
+    sender: str = wireField(Field.FROM, required=True)
+    recipient: str = wireField(Field.TO, required=True)
+    messageId: str = wireField(Field.MESSAGE_ID, required=True)
+    code: int = wireField(Field.CODE)
+    text: str = wireField(Field.TEXT)
+
+
 # -- admin records (admin endpoint only) -----------------------------------
 
 
@@ -425,6 +464,9 @@ DATA_TYPES = frozenset(
         RecordType.DOMAIN_ATTRIBUTES_GET,
     }
 )
+
+#: Record types that only a backend link connection carries.
+LINK_TYPES = frozenset({RecordType.LINK_AUTH, RecordType.PUBLISH, RecordType.REPORT})
 
 #: Record types that only the admin endpoint accepts.
 ADMIN_TYPES = frozenset(
@@ -580,6 +622,7 @@ __all__ = [
     "UnknownRecord",
     "RECORD_CLASSES",
     "ADMIN_TYPES",
+    "LINK_TYPES",
     "DATA_TYPES",
     "encodeRecord",
     "decodeRecord",

@@ -20,12 +20,15 @@ from imxd.wire.records import (
     Drain,
     Error,
     Hello,
+    LinkAuth,
     Message,
     Notify,
     Ping,
     Pong,
+    Publish,
     Redirect,
     Renew,
+    Report,
     StartTLS,
     StartTLSProceed,
     Status,
@@ -151,6 +154,22 @@ VECTORS = (
         "ATTRIBUTES",
         Attributes(
             tag=14, target="alice@a.example", attributes=("alias=Alice",), ttl=300
+        ),
+    ),
+    ("LINK_AUTH", LinkAuth(tag=1, domain="a.example", secret=_SECRET)),
+    (
+        "PUBLISH",
+        Publish(tag=2, user="alice@a.example", presence="away", status="at lunch"),
+    ),
+    (
+        "REPORT",
+        Report(
+            tag=3,
+            sender="alice@a.example",
+            recipient="bob@b.example",
+            messageId="m-1",
+            code=ErrorCode.UNKNOWN_USER,
+            text="no such user",
         ),
     ),
     ("DRAIN", Drain(tag=1, host="192.0.2.8", port=5275)),

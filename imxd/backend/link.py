@@ -1,0 +1,570 @@
+"""
+The C{link} backend: a private IM system connects in to imxd over one
+persistent connection and serves its domains through it.
+
+The connection speaks the IMX framing and codec (C{docs/protocol.md},
+section 19): preamble, HELLO, tagged requests, batched ACKs, PING/PONG.
+The backend proves each domain it serves with that domain's secret
+(L{imxd.wire.LinkAuth}, compared in constant time); after that, what imxd
+asks of the domain's backend (L{IBackend}) travels to it as requests, and
+what it sends (MESSAGE, SUBSCRIBE, PUBLISH, ...) reaches the hosted domain
+(L{imxd.backend.interfaces.IDomainService}).
+
+While no link is connected, requests for the domain are refused for now
+(C{temporary-failure}, so the sending server retries); delivery reports
+and subscription changes are held in memory and sent once the backend
+authenticates again.  The client side is L{imxd.link}.
+"""
+
+from __future__ import annotations
+
+import collections
+import hmac
+import os
+from typing import Any, Mapping
+
+import attrs
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from imxd.address import Address, AddressError, normaliseDomain
+from imxd.backend.interfaces import DECISIONS, IBackend
+from imxd.peer import PeerFactory, PeerProtocol, PeerSettings, PeerState, Refused
+from imxd.presence import parseAttributes
+from imxd.wire import (
+    Attributes,
+    DomainAttributesGet,
+    ErrorCode,
+    LinkAuth,
+    Message,
+    Publish,
+    Report,
+    Subscribe,
+    SubscriptionState,
+    Unsubscribe,
+    UserAttributesGet,
+)
+
+__all__ = ["LinkBackend", "LinkServerProtocol", "LinkFactory", "linkServices", "validateOptions"]
+
+#: Where the link listener listens when the options name no address.
+DEFAULT_LISTEN = "tcp:5280:interface=127.0.0.1"
+
+#: Octets a link secret holds at least and at most (the SECRET field's
+#: bounds).
+SECRET_LENGTHS = (16, 64)
+
+#: Delivery reports and subscription changes held per domain while its
+#: link is down; beyond this the oldest are dropped (and logged).
+MAX_HELD = 100_000
+
+#: Failed LINK_AUTH attempts after which a connection is closed.
+MAX_AUTH_FAILURES = 3
+
+#: Seconds a sending server is asked to wait while a link is down.
+RETRY_WHILE_DOWN = 5
+
+
+def validateOptions(options: Mapping[str, Any], baseDirectory: str = ".") -> dict:
+    """
+    Check the options of a C{link} backend.
+
+    @param options: C{listen} (the link listener's endpoint, default
+        L{DEFAULT_LISTEN}; C{ssl:...} for TLS), and the domain's secret as
+        C{secret} (text) or C{secret_file} (a file whose content, without
+        the final newline, is the secret; relative to C{baseDirectory}).
+    @return: C{{"listen", "secret"}}, the secret as L{bytes}.
+    @raise ValueError: naming the first problem.
+    """
+    from imxd.config import endpointProblem
+
+    known = {"listen", "secret", "secret_file"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"unknown option {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    listen = options.get("listen", DEFAULT_LISTEN)
+    if not isinstance(listen, str) or not listen:
+        raise ValueError("listen: expected a Twisted server endpoint description")
+    problem = endpointProblem(listen)
+    if problem is not None:
+        raise ValueError(f"listen: {problem}")
+    if ("secret" in options) == ("secret_file" in options):
+        raise ValueError("give the domain's link secret as secret or as secret_file, once")
+    if "secret" in options:
+        secret = options["secret"]
+        if not isinstance(secret, str):
+            raise ValueError("secret: expected text")
+        secret = secret.encode("utf-8")
+    else:
+        path = options["secret_file"]
+        if not isinstance(path, str) or not path:
+            raise ValueError("secret_file: expected a path")
+        path = os.path.normpath(os.path.join(baseDirectory, path))
+        try:
+            with open(path, "rb") as f:
+                secret = f.read().rstrip(b"\r\n")
+        except OSError as e:
+            raise ValueError(f"secret_file: cannot read {path}: {e.strerror}") from None
+    low, high = SECRET_LENGTHS
+    if not low <= len(secret) <= high:
+        raise ValueError(f"the link secret must be {low} to {high} octets, not {len(secret)}")
+    return {"listen": listen, "secret": secret}
+
+
+def _linkClosed(failure):
+    """
+    A request to the backend failed: its own refusal passes through, a
+    lost link becomes a temporary failure.
+    """
+    if failure.check(Refused):
+        return failure
+    raise Refused(
+        ErrorCode.TEMPORARY_FAILURE, "the backend link closed before answering"
+    )
+
+
+def _acknowledged(_):
+    return None
+
+
+@implementer(IBackend)
+class LinkBackend:
+    """
+    The backend of one hosted domain, served by whichever link connection
+    last authenticated for it.
+
+    @ivar domain: the hosted domain's normalised name.
+    @ivar listen: the endpoint description of the listener it is served on.
+    @ivar connection: the L{LinkServerProtocol} serving the domain now, or
+        L{None}.
+    @ivar service: the hosted domain (L{IDomainService}), once started.
+    @ivar held: records (REPORT, SUBSCRIPTION_STATE) waiting for a link.
+    @ivar heldDropped: held records dropped because more than L{MAX_HELD}
+        waited.
+    """
+
+    log = Logger()
+
+    def __init__(self, domain: str, listen: str, secret: bytes, maxHeld: int = MAX_HELD):
+        self.domain = domain
+        self.listen = listen
+        self._secret = secret
+        self.maxHeld = maxHeld
+        self.connection = None
+        self.service = None
+        self.held: collections.deque = collections.deque()
+        self.heldDropped = 0
+
+    @classmethod
+    def fromConfig(cls, domainConfig: Any) -> "LinkBackend":
+        """
+        Build the backend of a hosted domain from its validated options.
+        """
+        options = domainConfig.backendOptions
+        return cls(domainConfig.name, options["listen"], options["secret"])
+
+    # -- the link ---------------------------------------------------------------
+
+    def secretMatches(self, secret: bytes) -> bool:
+        """
+        @return: whether C{secret} is the domain's, compared in constant time.
+        """
+        return hmac.compare_digest(secret, self._secret)
+
+    def attach(self, connection: "LinkServerProtocol") -> None:
+        """
+        C{connection} authenticated for the domain: it serves the domain
+        from now on (an older connection no longer does), and what was
+        held is sent.
+        """
+        old, self.connection = self.connection, connection
+        if old is not None and old is not connection:
+            old.domains.discard(self.domain)
+        self._sendHeld()
+
+    def detach(self, connection: "LinkServerProtocol") -> None:
+        """
+        C{connection} closed: if it served the domain, nothing does now.
+        """
+        if self.connection is connection:
+            self.connection = None
+
+    def connected(self) -> bool:
+        """
+        @return: whether a link serves the domain now.
+        """
+        return self.connection is not None and self.connection.state is PeerState.OPEN
+
+    def _request(self, record):
+        """
+        Send a request to the backend.
+
+        @return: a L{Deferred} of its answer, failing with L{Refused} (the
+            backend's ERROR, or C{temporary-failure} when no link serves
+            the domain or it closed before answering).
+        """
+        if not self.connected():
+            return defer.fail(
+                Refused(
+                    ErrorCode.TEMPORARY_FAILURE,
+                    f"the backend of {self.domain} is not connected",
+                    retryAfter=RETRY_WHILE_DOWN,
+                )
+            )
+        return self.connection.request(record).addErrback(_linkClosed)
+
+    def _hold(self, record) -> None:
+        """
+        Send a record the backend must not miss now, or once it is linked
+        again.
+        """
+        if len(self.held) >= self.maxHeld:
+            self.held.popleft()
+            self.heldDropped += 1
+            if self.heldDropped == 1 or not self.heldDropped % 1000:
+                self.log.warn(
+                    "{domain}: {count} reports dropped while the backend link is down",
+                    domain=self.domain,
+                    count=self.heldDropped,
+                )
+        self.held.append(record)
+        self._sendHeld()
+
+    def _sendHeld(self) -> None:
+        """
+        Send every held record on the link; one the link loses is held
+        again.
+        """
+        while self.held and self.connected():
+            record = self.held.popleft()
+            self.connection.request(record).addErrback(self._notTaken, record)
+
+    def _notTaken(self, failure, record):
+        if failure.check(Refused):
+            self.log.warn(
+                "{domain}: the backend refused {record}: {error}",
+                domain=self.domain,
+                record=type(record).__name__,
+                error=failure.value,
+            )
+            return
+        self.held.appendleft(record)
+
+    # -- IBackend -----------------------------------------------------------------
+
+    def start(self, sender: Any) -> None:
+        """
+        Keep the hosted domain; see L{IBackend.start}.
+        """
+        self.service = sender
+
+    def stop(self) -> None:
+        """
+        Close the link in order; see L{IBackend.stop}.
+        """
+        if self.connection is not None:
+            self.connection.close("imxd is stopping")
+
+    def deliverMessage(self, message: Message) -> defer.Deferred:
+        """
+        Hand a message to the backend; see L{IBackend.deliverMessage}.
+        """
+        return self._request(message).addCallback(_acknowledged)
+
+    def deliverNotification(self, notification) -> defer.Deferred:
+        """
+        Hand a NOTIFY to the backend; see L{IBackend.deliverNotification}.
+        """
+        return self._request(notification).addCallback(_acknowledged)
+
+    def decideSubscription(self, subscriber: str, publisher: str) -> defer.Deferred:
+        """
+        Ask the backend (SUBSCRIBE, answered by SUBSCRIPTION_STATE); see
+        L{IBackend.decideSubscription}.
+        """
+
+        def decision(answer):
+            state = getattr(answer, "state", None)
+            if state not in DECISIONS:
+                raise Refused(
+                    ErrorCode.MALFORMED, f"the backend answered SUBSCRIBE with {state!r}"
+                )
+            return state
+
+        asked = self._request(Subscribe(subscriber=subscriber, publisher=publisher))
+        return asked.addCallback(decision)
+
+    def subscriptionChanged(self, subscriber: str, publisher: str, state: str) -> None:
+        """
+        Tell the backend (SUBSCRIPTION_STATE, held while the link is down);
+        see L{IBackend.subscriptionChanged}.
+        """
+        self._hold(SubscriptionState(publisher=publisher, subscriber=subscriber, state=state))
+
+    def userAttributes(self, user: str, requester: str) -> defer.Deferred:
+        """
+        Ask the backend (USER_ATTRIBUTES_GET, answered by ATTRIBUTES); see
+        L{IBackend.userAttributes}.
+        """
+
+        def values(answer):
+            if not isinstance(answer, Attributes):
+                raise Refused(ErrorCode.MALFORMED, "the backend did not answer with ATTRIBUTES")
+            return parseAttributes(answer.attributes)
+
+        asked = self._request(UserAttributesGet(requester=requester, target=user))
+        return asked.addCallback(values)
+
+    def deliveryReport(self, message: Message, refusal) -> None:
+        """
+        Tell the backend (REPORT, held while the link is down); see
+        L{IBackend.deliveryReport}.
+        """
+        self._hold(
+            Report(
+                sender=message.sender,
+                recipient=message.recipient,
+                messageId=message.messageId,
+                code=None if refusal is None else refusal.code,
+                text=None if refusal is None else refusal.text,
+            )
+        )
+
+    def __repr__(self) -> str:
+        state = "linked" if self.connected() else "unlinked"
+        return f"<LinkBackend {self.domain} {state} held={len(self.held)}>"
+
+
+def _ownDomain(address: str) -> str:
+    """
+    @return: the canonical domain of an address (or of a bare domain).
+    @raise Refused: C{malformed}.
+    """
+    try:
+        if "@" not in address:
+            return normaliseDomain(address)
+        return Address.parse(address).domain
+    except AddressError as e:
+        raise Refused(ErrorCode.MALFORMED, f"FROM: {e}") from None
+
+
+class LinkServerProtocol(PeerProtocol):
+    """
+    imxd's side of one link connection.
+
+    @ivar domains: the hosted domains this connection serves now.
+    """
+
+    def __init__(self, factory, originator=False):
+        super().__init__(factory, originator)
+        self.domains: set[str] = set()
+        self._authFailures = 0
+
+    def connectionLost(self, reason):
+        """
+        The domains it served have no link now.
+        """
+        for domain in self.domains:
+            self.factory.backends[domain].detach(self)
+        self.domains = set()
+        super().connectionLost(reason)
+
+    def _handleAuth(self, auth: LinkAuth) -> None:
+        """
+        LINK_AUTH: take the domain on if its secret matches; a connection
+        that fails L{MAX_AUTH_FAILURES} times is closed.
+        """
+        try:
+            domain = normaliseDomain(auth.domain)
+        except AddressError:
+            domain = None
+        backend = self.factory.backends.get(domain)
+        if backend is None or not backend.secretMatches(auth.secret):
+            self._authFailures += 1
+            self.factory.count("link-auth-failures")
+            self.log.warn(
+                "link {peer}: authentication for {domain} failed",
+                peer=self._peerName(),
+                domain=auth.domain,
+            )
+            if self._authFailures >= MAX_AUTH_FAILURES:
+                self._refuse(
+                    ErrorCode.NOT_AUTHENTICATED,
+                    f"{MAX_AUTH_FAILURES} failed authentications",
+                    auth.tag,
+                )
+                return
+            self.sendRecord(
+                Refused(
+                    ErrorCode.NOT_AUTHENTICATED,
+                    f"not a link domain of this listener, or a wrong secret: {auth.domain}",
+                ).toError(auth.tag)
+            )
+            return
+        self.domains.add(domain)
+        self.factory.count("link-authentications")
+        self.log.info(
+            "link {peer} serves {domain}", peer=self._peerName(), domain=domain
+        )
+        # The ACK goes out before anything the backend held for the domain.
+        self.acknowledge(auth.tag)
+        self._flushAcks()
+        backend.attach(self)
+
+    def _serviceFor(self, address: str):
+        """
+        @return: the hosted domain that C{address} belongs to.
+        @raise Refused: C{malformed}, or C{not-authenticated} when this
+            connection does not serve its domain.
+        """
+        domain = _ownDomain(address)
+        if domain not in self.domains:
+            raise Refused(
+                ErrorCode.NOT_AUTHENTICATED,
+                f"{domain} is not authenticated on this link",
+            )
+        return self.factory.backends[domain].service
+
+    def _handleRequest(self, record) -> None:
+        """
+        A request from the backend: hand it to its hosted domain, and
+        answer with the outcome.
+        """
+        if record.response:
+            self._handleResponse(record)
+            return
+        try:
+            answered = _REQUESTS[type(record)](self, record)
+        except Refused as refusal:
+            self.factory.count("requests-refused")
+            self.sendRecord(refusal.toError(record.tag))
+            return
+        self.answer(answered, record)
+
+    def _sendMessage(self, message):
+        service = self._serviceFor(message.sender)
+        if message.tag:
+            message = attrs.evolve(message, tag=0)
+        return service.sendMessage(message)
+
+    def _subscribe(self, record):
+        service = self._serviceFor(record.subscriber)
+        state = service.subscribe(record.subscriber, record.publisher)
+        return state.addCallback(
+            lambda state: SubscriptionState(
+                publisher=record.publisher, subscriber=record.subscriber, state=state
+            )
+        )
+
+    def _unsubscribe(self, record):
+        service = self._serviceFor(record.subscriber)
+        return service.unsubscribe(record.subscriber, record.publisher).addCallback(
+            _acknowledged
+        )
+
+    def _decide(self, record):
+        service = self._serviceFor(record.publisher)
+        if record.state not in ("granted", "denied"):
+            raise Refused(
+                ErrorCode.MALFORMED, f"a decision is granted or denied, not {record.state!r}"
+            )
+        decided = service.decide(record.publisher, record.subscriber, record.state == "granted")
+        return decided.addCallback(_acknowledged)
+
+    def _publish(self, record):
+        service = self._serviceFor(record.user)
+        published = service.publishPresence(
+            record.user, record.presence, record.status, parseAttributes(record.attributes)
+        )
+        return published.addCallback(_acknowledged)
+
+    def _attributes(self, record):
+        service = self._serviceFor(record.requester)
+        asked = service.remoteAttributes(record.requester, record.target)
+        return asked.addCallback(
+            lambda values: Attributes(
+                target=record.target, attributes=tuple(f"{k}={v}" for k, v in sorted(values.items()))
+            )
+        )
+
+
+#: What each request from the backend does.
+_REQUESTS = {
+    Message: LinkServerProtocol._sendMessage,
+    Subscribe: LinkServerProtocol._subscribe,
+    Unsubscribe: LinkServerProtocol._unsubscribe,
+    SubscriptionState: LinkServerProtocol._decide,
+    Publish: LinkServerProtocol._publish,
+    UserAttributesGet: LinkServerProtocol._attributes,
+    DomainAttributesGet: LinkServerProtocol._attributes,
+}
+
+
+def _linkTables():
+    """
+    The state tables of L{LinkServerProtocol}: the peer protocol's, with
+    LINK_AUTH and the backend's requests served when OPEN.
+    """
+    tables = dict(PeerProtocol.stateTables)
+    serving = dict(tables[PeerState.OPEN])
+    serving[LinkAuth] = LinkServerProtocol._handleAuth
+    serving[Attributes] = LinkServerProtocol._handleResponse
+    for recordClass in _REQUESTS:
+        serving[recordClass] = LinkServerProtocol._handleRequest
+    tables[PeerState.OPEN] = serving
+    return tables
+
+
+LinkServerProtocol.stateTables = _linkTables()
+
+
+class LinkFactory(PeerFactory):
+    """
+    The link listener of one endpoint: the link backends served on it.
+
+    @ivar backends: the L{LinkBackend}s by domain.
+    """
+
+    protocol = LinkServerProtocol
+
+    def __init__(self, clock, backends, maxRecordSize=65536):
+        """
+        @param clock: an L{IReactorTime} provider.
+        @param backends: the L{LinkBackend}s served on this listener.
+        @param maxRecordSize: the largest record body accepted.
+        """
+        settings = PeerSettings(
+            hostedDomains=frozenset(backend.domain for backend in backends),
+            idleTimeout=0,
+            maxRecordSize=maxRecordSize,
+            software="imxd-link",
+        )
+        super().__init__(clock, settings, capabilities=("link",))
+        self.backends = {backend.domain: backend for backend in backends}
+
+
+def linkServices(backends, reactor):
+    """
+    Build one link listener per distinct C{listen} address of the given
+    link backends (domains naming the same address share it).
+
+    @param backends: L{LinkBackend}s.
+    @param reactor: the reactor to listen and time with.
+    @return: the listener services, named C{link-N}.
+    """
+    from twisted.internet.endpoints import serverFromString
+
+    from imxd.listener import ListenerService
+
+    byListen: dict[str, list] = {}
+    for backend in backends:
+        byListen.setdefault(backend.listen, []).append(backend)
+    services = []
+    for index, (listen, served) in enumerate(sorted(byListen.items())):
+        listener = ListenerService(
+            serverFromString(reactor, listen), LinkFactory(reactor, served), listen
+        )
+        listener.setName(f"link-{index}")
+        services.append(listener)
+    return services

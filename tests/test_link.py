@@ -1,0 +1,461 @@
+"""
+Tests for the backend link: the C{link} adapter (L{imxd.backend.link}) and
+its client library (L{imxd.link}), alone, against the backend contract,
+and on both sides of an in-memory federation.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from imxd.backend.link import (
+    MAX_AUTH_FAILURES,
+    LinkBackend,
+    LinkFactory,
+    validateOptions,
+)
+from imxd.link import LinkClient, LinkHandler
+from imxd.peer import PeerState, Refused
+from imxd.testing import BackendContractMixin, FakeDomainService
+from imxd.wire import ErrorCode, LinkAuth, Message
+from tests.linking import (
+    SECRET,
+    CallableEndpoint,
+    RecordingHandler,
+    joinSynchronously,
+    linkedBackend,
+    message,
+)
+from tests.network import Network, linkClient, linkTable
+
+
+class LinkContractTests(BackendContractMixin, SynchronousTestCase):
+    """
+    The C{link} adapter, with a link client connected, keeps the contract.
+    """
+
+    def makeBackend(self):
+        self.handler = RecordingHandler()
+        backend, self.client, _ = linkedBackend(self.domainName, Clock(), self.handler)
+        return backend
+
+    def test_handedOver(self):
+        """
+        What the contract hands the adapter reaches the link client's
+        handler.
+        """
+        self.successResultOf(
+            self.backend.deliverMessage(message("x@else.test", self.user(), "m-1"))
+        )
+        self.assertEqual([m.messageId for m in self.handler.messages], ["m-1"])
+
+
+class OptionsTests(SynchronousTestCase):
+    """
+    L{validateOptions} checks a link domain's options.
+    """
+
+    def test_inlineSecret(self):
+        """
+        A secret given inline becomes bytes; the listener has a default.
+        """
+        options = validateOptions({"secret": "s" * 16})
+        self.assertEqual(options, {"listen": "tcp:5280:interface=127.0.0.1", "secret": b"s" * 16})
+
+    def test_secretFile(self):
+        """
+        A secret file is read relative to the configuration, without its
+        final newline.
+        """
+        directory = self.mktemp()
+        os.mkdir(directory)
+        with open(os.path.join(directory, "link.secret"), "wb") as f:
+            f.write(b"x" * 20 + b"\n")
+        options = validateOptions({"secret_file": "link.secret", "listen": "tcp:7000"}, directory)
+        self.assertEqual(options["secret"], b"x" * 20)
+        self.assertEqual(options["listen"], "tcp:7000")
+
+    def test_problems(self):
+        """
+        Each bad option is named in one line.
+        """
+        cases = [
+            ({}, "secret or as secret_file"),
+            ({"secret": "s" * 16, "secret_file": "f"}, "secret or as secret_file"),
+            ({"secret": "short"}, "16 to 64 octets, not 5"),
+            ({"secret": "s" * 65}, "16 to 64 octets"),
+            ({"secret": 7}, "expected text"),
+            ({"secret_file": "/nonexistent/imxd-link"}, "cannot read"),
+            ({"secret": "s" * 16, "listen": "nonsense:1"}, "listen:"),
+            ({"secret": "s" * 16, "colour": "red"}, "unknown option 'colour'"),
+        ]
+        for options, text in cases:
+            with self.assertRaises(ValueError) as caught:
+                validateOptions(options)
+            self.assertIn(text, str(caught.exception))
+
+
+class Raw:
+    """
+    A link client connection driven by hand, to send what a real client
+    would not.
+    """
+
+    def __init__(self, testCase, backends):
+        self.clock = Clock()
+        self.factory = LinkFactory(self.clock, backends)
+        self.handler = RecordingHandler()
+        self.client = LinkClient(self.clock, CallableEndpoint(lambda p: None), {}, self.handler)
+        self.protocol = self.client.factory.buildProtocol(None)
+        self.server = joinSynchronously(self.factory.buildProtocol(None), self.protocol)
+
+    def ask(self, record):
+        outcome = []
+        self.protocol.request(record).addBoth(outcome.append)
+        return outcome[0]
+
+
+class ServerSideTests(SynchronousTestCase):
+    """
+    imxd's side of the link: authentication, routing of the backend's
+    requests, and what happens while no link serves a domain.
+    """
+
+    def setUp(self):
+        self.backend = LinkBackend("a.test", "tcp:5280", SECRET)
+        self.service = FakeDomainService("a.test")
+        self.backend.start(self.service)
+        self.raw = Raw(self, [self.backend])
+
+    def test_wrongSecret(self):
+        """
+        A wrong secret, or a domain not served on this listener, is refused
+        with C{not-authenticated}; the link does not serve the domain.
+        """
+        for auth in (
+            LinkAuth(domain="a.test", secret=b"w" * 16),
+            LinkAuth(domain="other.test", secret=SECRET),
+        ):
+            refusal = self.raw.ask(auth).value
+            self.assertEqual(refusal.code, ErrorCode.NOT_AUTHENTICATED)
+        self.assertFalse(self.backend.connected())
+        self.assertEqual(self.raw.factory.counters["link-auth-failures"], 2)
+
+    def test_tooManyFailures(self):
+        """
+        After L{MAX_AUTH_FAILURES} failed attempts the connection is closed.
+        """
+        for _ in range(MAX_AUTH_FAILURES):
+            self.raw.ask(LinkAuth(domain="a.test", secret=b"w" * 16))
+        self.assertIs(self.raw.server.state, PeerState.CLOSED)
+
+    def test_requestForOtherDomain(self):
+        """
+        A request from an address whose domain this connection has not
+        authenticated is refused, and nothing reaches imxd.
+        """
+        self.raw.ask(LinkAuth(domain="a.test", secret=SECRET))
+        refusal = self.raw.ask(message("eve@b.test", "bob@c.test", "m-1")).value
+        self.assertEqual(refusal.code, ErrorCode.NOT_AUTHENTICATED)
+        refusal = self.raw.ask(message("not an address", "bob@c.test", "m-2")).value
+        self.assertEqual(refusal.code, ErrorCode.MALFORMED)
+        self.assertEqual(self.service.calls, [])
+
+    def test_sendMessage(self):
+        """
+        A MESSAGE from an authenticated domain goes to the hosted domain's
+        C{sendMessage}, without its link tag, and is acknowledged.
+        """
+        self.raw.ask(LinkAuth(domain="a.test", secret=SECRET))
+        answer = self.raw.ask(message("alice@a.test", "bob@c.test", "m-1"))
+        self.assertEqual(type(answer).__name__, "Ack")
+        [(method, (sent,))] = self.service.calls
+        self.assertEqual((method, sent.messageId, sent.tag), ("sendMessage", "m-1", 0))
+
+    def test_unlinked(self):
+        """
+        With no link, what imxd asks of the backend is refused for now, so
+        the sender retries; reports and subscription changes are held and
+        sent, in order, once a link authenticates.
+        """
+        failure = self.failureResultOf(
+            self.backend.deliverMessage(message("x@c.test", "alice@a.test", "m-1")), Refused
+        )
+        self.assertEqual(failure.value.code, ErrorCode.TEMPORARY_FAILURE)
+        self.assertTrue(failure.value.retryAfter)
+        self.backend.deliveryReport(message("alice@a.test", "x@c.test", "m-2"), None)
+        self.backend.subscriptionChanged("alice@a.test", "x@c.test", "granted")
+        self.assertEqual(len(self.backend.held), 2)
+        self.raw.ask(LinkAuth(domain="a.test", secret=SECRET))
+        self.assertEqual([r.messageId for r in self.raw.handler.reports], ["m-2"])
+        self.assertEqual(self.raw.handler.changes, [("alice@a.test", "x@c.test", "granted")])
+        self.assertEqual(len(self.backend.held), 0)
+
+    def test_heldIsBounded(self):
+        """
+        Beyond C{maxHeld} records the oldest are dropped and counted.
+        """
+        self.backend.maxHeld = 3
+        for index in range(5):
+            self.backend.deliveryReport(message("alice@a.test", "x@c.test", f"m-{index}"), None)
+        self.assertEqual([r.messageId for r in self.backend.held], ["m-2", "m-3", "m-4"])
+        self.assertEqual(self.backend.heldDropped, 2)
+
+    def test_newLinkTakesOver(self):
+        """
+        A second connection authenticating for a domain serves it from then
+        on; the first no longer does.
+        """
+        self.raw.ask(LinkAuth(domain="a.test", secret=SECRET))
+        first = self.raw.server
+        second = Raw(self, [self.backend])
+        second.ask(LinkAuth(domain="a.test", secret=SECRET))
+        self.assertIs(self.backend.connection, second.server)
+        self.assertNotIn("a.test", first.domains)
+        first.transport.abortConnection()
+        self.assertTrue(self.backend.connected())
+        self.successResultOf(
+            self.backend.deliverMessage(message("x@c.test", "alice@a.test", "m-1"))
+        )
+        self.assertEqual(len(second.handler.messages), 1)
+        self.assertEqual(self.raw.handler.messages, [])
+
+    def test_lostBeforeAnswer(self):
+        """
+        A request the link loses before the backend answers fails for now
+        (C{temporary-failure}), not with the connection's error.
+        """
+
+        class Silent(LinkHandler):
+            def deliverMessage(self, message):
+                from twisted.internet.defer import Deferred
+
+                return Deferred()
+
+        backend, client, server = linkedBackend("a.test", Clock(), Silent())
+        delivered = backend.deliverMessage(message("x@c.test", "alice@a.test", "m-1"))
+        self.assertNoResult(delivered)
+        server.transport.abortConnection()
+        failure = self.failureResultOf(delivered, Refused)
+        self.assertEqual(failure.value.code, ErrorCode.TEMPORARY_FAILURE)
+
+    def test_handlerRefuses(self):
+        """
+        A handler's refusal travels back with its code; a handler that
+        raises anything else is answered C{internal-error}.
+        """
+        handler = RecordingHandler()
+        backend, client, server = linkedBackend("a.test", Clock(), handler)
+        handler.refuseWith = Refused(ErrorCode.UNKNOWN_USER, "no such user")
+        failure = self.failureResultOf(
+            backend.deliverMessage(message("x@c.test", "nobody@a.test", "m-1")), Refused
+        )
+        self.assertEqual(failure.value.code, ErrorCode.UNKNOWN_USER)
+        handler.refuseWith = ZeroDivisionError()
+        failure = self.failureResultOf(
+            backend.deliverMessage(message("x@c.test", "nobody@a.test", "m-2")), Refused
+        )
+        self.assertEqual(failure.value.code, ErrorCode.INTERNAL_ERROR)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+    def test_badDecision(self):
+        """
+        A decision that is not granted, denied or pending is not passed on:
+        the client answers C{internal-error}.
+        """
+        handler = RecordingHandler()
+        backend, client, server = linkedBackend("a.test", Clock(), handler)
+        handler.decision = "maybe"
+        failure = self.failureResultOf(
+            backend.decideSubscription("x@c.test", "alice@a.test"), Refused
+        )
+        self.assertEqual(failure.value.code, ErrorCode.INTERNAL_ERROR)
+
+
+class ClientTests(SynchronousTestCase):
+    """
+    The link client: authentication, resending after a reconnect, and
+    stopping.
+    """
+
+    def setUp(self):
+        self.network = Network()
+        self.server = self.network.server("127.0.0.2", [linkTable("a.test", SECRET)])
+
+    def test_refusedSecretStops(self):
+        """
+        A refused secret fails L{LinkClient.whenLinked} and stops the client:
+        it does not try again.
+        """
+        client = linkClient(
+            self.network, self.server, ["a.test"], RecordingHandler(), {"a.test": b"w" * 16}
+        )
+        failure = self.failureResultOf(client.whenLinked(), Refused)
+        self.assertEqual(failure.value.code, ErrorCode.NOT_AUTHENTICATED)
+        self.assertFalse(client.running)
+        self.network.advance(60)
+        self.assertEqual(client.endpoint.attempts, 1)
+
+    def test_reconnectResends(self):
+        """
+        Requests made while the link is down, or lost with it, are sent
+        once the client has reconnected, in order.
+        """
+        client = linkClient(self.network, self.server, ["a.test"], RecordingHandler(), {"a.test": SECRET})
+        self.successResultOf(client.whenLinked())
+        client.connection.transport.abortConnection()
+        self.network.flush()
+        self.assertIsNone(client.connection)
+        sent = [
+            client.sendMessage(message("alice@a.test", "bob@a.test", f"m-{n}")) for n in range(3)
+        ]
+        for each in sent:
+            self.assertNoResult(each)
+        self.network.advance(15)
+        for each in sent:
+            self.assertIsNone(self.successResultOf(each))
+        self.assertEqual(client.outstanding, {})
+        self.assertGreater(client.endpoint.attempts, 1)
+
+    def test_stopFailsOutstanding(self):
+        """
+        Stopping the client fails what is still unanswered, with
+        C{shutting-down}.
+        """
+        client = linkClient(self.network, self.server, ["a.test"], RecordingHandler(), {"a.test": SECRET})
+        client.connection.transport.abortConnection()
+        self.network.flush()
+        pending = client.sendMessage(message("alice@a.test", "bob@a.test", "m-1"))
+        client.stopService()
+        failure = self.failureResultOf(pending, Refused)
+        self.assertEqual(failure.value.code, ErrorCode.SHUTTING_DOWN)
+
+
+class FederatedLinkTests(SynchronousTestCase):
+    """
+    A link client on each side of a federation: a.test on 127.0.0.2, b.test
+    on 127.0.0.3, both served by link backends.
+    """
+
+    def setUp(self):
+        self.network = Network()
+        self.a = self.network.server("127.0.0.2", [linkTable("a.test", SECRET)])
+        self.b = self.network.server("127.0.0.3", [linkTable("b.test", SECRET)])
+        self.alice = RecordingHandler()
+        self.bob = RecordingHandler()
+        self.clientA = linkClient(self.network, self.a, ["a.test"], self.alice, {"a.test": SECRET})
+        self.clientB = linkClient(self.network, self.b, ["b.test"], self.bob, {"b.test": SECRET})
+
+    def send(self, count, prefix="m"):
+        sent = [
+            self.clientA.sendMessage(message("alice@a.test", "bob@b.test", f"{prefix}-{n}"))
+            for n in range(count)
+        ]
+        self.network.flush()
+        return sent
+
+    def test_messageAndReport(self):
+        """
+        A message from A's backend reaches B's backend byte for byte, and
+        A's backend gets the delivery report.
+        """
+        [sent] = self.send(1)
+        self.assertIsNone(self.successResultOf(sent))
+        [received] = self.bob.messages
+        self.assertEqual((received.sender, received.body), ("alice@a.test", b"hello"))
+        [report] = self.alice.reports
+        self.assertEqual((report.messageId, report.code), ("m-0", None))
+
+    def test_failureReport(self):
+        """
+        A message B's backend refuses for good comes back to A's backend as
+        a REPORT with the refusal's code.
+        """
+        self.bob.refuseWith = Refused(ErrorCode.UNKNOWN_USER, "no bob here")
+        self.send(1)
+        [report] = self.alice.reports
+        self.assertEqual((report.code, report.text), (ErrorCode.UNKNOWN_USER, "no bob here"))
+
+    def test_presenceAndAttributes(self):
+        """
+        A subscription asked through A's link is decided by B's backend;
+        B's presence then reaches A's backend, and attributes asked through
+        A's link are answered by B's backend.
+        """
+        state = self.clientA.subscribe("alice@a.test", "bob@b.test")
+        self.network.flush()
+        self.assertEqual(self.successResultOf(state), "granted")
+        self.assertEqual(self.bob.requests, [("alice@a.test", "bob@b.test")])
+        self.assertIn(("alice@a.test", "bob@b.test", "granted"), self.alice.changes)
+        self.clientB.publishPresence("bob@b.test", "away", "lunch", {"alias": "Bob"})
+        self.network.flush()
+        notification = self.alice.notifications[-1]
+        self.assertEqual(
+            (notification.publisher, notification.subscribers, notification.presence),
+            ("bob@b.test", ("alice@a.test",), "away"),
+        )
+        self.bob.attributes["bob@b.test"] = {"alias": "Bob B."}
+        values = self.clientA.remoteAttributes("alice@a.test", "bob@b.test")
+        self.network.flush()
+        self.assertEqual(self.successResultOf(values)["alias"], "Bob B.")
+
+    def test_pendingThenDecided(self):
+        """
+        A request B's backend leaves pending is decided later through B's
+        link, and A's backend hears the outcome.
+        """
+        self.bob.decision = "pending"
+        state = self.clientA.subscribe("alice@a.test", "bob@b.test")
+        self.network.flush()
+        self.assertEqual(self.successResultOf(state), "pending")
+        decided = self.clientB.decide("bob@b.test", "alice@a.test", True)
+        self.network.flush()
+        self.successResultOf(decided)
+        self.assertIn(("alice@a.test", "bob@b.test", "granted"), self.alice.changes)
+
+    def test_receiverLinkDown(self):
+        """
+        While B's link is down, A's messages are refused for now and stay
+        queued on A; once B's backend links again every one arrives, once.
+        """
+        self.clientB.connection.transport.abortConnection()
+        self.network.flush()
+        self.clientB.stopService()
+        sent = self.send(20)
+        for each in sent:
+            self.successResultOf(each)
+        self.assertEqual(self.bob.messages, [])
+        self.assertEqual(self.a.outbox.depth, 20)
+        self.clientB = linkClient(self.network, self.b, ["b.test"], self.bob, {"b.test": SECRET})
+        self.network.advance(120, step=5)
+        self.assertEqual(sorted(m.messageId for m in self.bob.messages), sorted(f"m-{n}" for n in range(20)))
+        self.assertEqual(self.a.outbox.depth, 0)
+        self.assertEqual(len(self.alice.reports), 20)
+
+    def test_senderLinkDropsBeforeAck(self):
+        """
+        When A's link drops after imxd took messages but before its ACKs
+        reached the client, the client sends them again on the new link
+        and B's backend still gets each message once.
+        """
+        connection = self.clientA.connection
+        sent = [
+            self.clientA.sendMessage(message("alice@a.test", "bob@b.test", f"m-{n}"))
+            for n in range(10)
+        ]
+        # imxd reads the requests; the connection dies before its ACKs move.
+        pump = next(p for p in self.network.pumps if p.clientIO is connection.transport)
+        pump.pump()
+        self.network.clock.advance(0)
+        self.assertTrue(pump.serverIO.getOutBuffer(), "imxd wrote no ACK")
+        connection.transport.abortConnection()
+        self.network.advance(30)
+        for each in sent:
+            self.assertIsNone(self.successResultOf(each))
+        self.assertEqual(sorted(m.messageId for m in self.bob.messages), sorted(f"m-{n}" for n in range(10)))
+        # Each was accepted twice; B dropped the second copies.
+        self.assertEqual(self.b.router.duplicates, 10)
+        self.assertEqual(len(self.alice.reports), 20)
