@@ -51,7 +51,7 @@ SCENARIOS = [
     ("paced 5,000/s", "paced", {"messages": 25_000, "rate": 5000}),
     ("ping-pong, 1 in flight", "pingpong", {"messages": 5_000}),
 ]
-QUICK = [("1 pair, 20,000, 1,000 in flight", "throughput", {"pairs": 1, "messages": 20_000, "inFlight": 1000})]
+QUICK = [("1 pair, 20,000, 1,000 in flight", "throughput", {"pairs": 1, "messages": int(os.environ.get("BENCH_MESSAGES", 20_000)), "inFlight": 1000})]
 
 
 def freeFiles():

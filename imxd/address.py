@@ -401,7 +401,9 @@ class Address:
     @classmethod
     def parse(cls, text: str) -> Address:
         """
-        Parse the text form of an address, C{local@domain}.
+        Parse the text form of an address, C{local@domain}.  Valid
+        addresses are remembered (L{PARSED_ADDRESSES} of them): the same
+        text parses once.
 
         @param text: the address; only L{str} is accepted (see
             L{Address.fromBytes} for bytes).  Nothing is stripped.
@@ -409,6 +411,12 @@ class Address:
         @raise AddressError: C{text} is not a valid address; the message
             names C{text} and says what is wrong.
         """
+        if type(text) is str and cls is Address:
+            return _parseCached(text)
+        return cls._parse(text)
+
+    @classmethod
+    def _parse(cls, text: str) -> Address:
         text = _checkType(text, "address")
 
         def fail(reason: str) -> NoReturn:
@@ -466,6 +474,14 @@ class Address:
                 f" ({e.reason} at octet {e.start})"
             ) from None
         return cls.parse(text)
+
+
+#: How many valid addresses L{Address.parse} remembers.
+PARSED_ADDRESSES = 65536
+
+# Addresses are immutable, so one parsed value serves every caller; an
+# invalid one raises each time (lru_cache does not keep exceptions).
+_parseCached = lru_cache(maxsize=PARSED_ADDRESSES)(Address._parse)
 
 
 def parseAddress(text: str) -> Address:

@@ -564,6 +564,13 @@ class FederationProtocol(PeerProtocol):
             ).addBoth(self._keyAnswered, pair)
         return state.wait()
 
+    def pairReady(self, pair):
+        """
+        @return: whether this side may send Data for C{pair} on this
+            connection now, without a dial-back.
+        """
+        return self._sendablePairs.get(pair) is True
+
     def _keyAnswered(self, result, pair):
         """
         DIALBACK_RESULT (the pair is ours to send on) or an ERROR.

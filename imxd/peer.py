@@ -32,6 +32,7 @@ from imxd.wire import (
     DATA_TYPES,
     MINIMUM_MAX_RECORD,
     PREAMBLE,
+    RecordType,
     VERSION_MAX,
     VERSION_MIN,
     Ack,
@@ -71,6 +72,8 @@ class PeerSettings:
         peer is dropped when no PONG comes back within the same interval.
     @ivar idleTimeout: seconds without Data before an orderly CLOSE (0:
         never).
+    @ivar requestTimeout: seconds a request sent waits for its answer
+        before it fails for now (C{temporary-failure}); 0: for ever.
     @ivar maxRecordSize: largest record body accepted, announced in HELLO.
     @ivar software: product token announced in HELLO.
     """
@@ -78,6 +81,7 @@ class PeerSettings:
     hostedDomains: frozenset = frozenset()
     handshakeTimeout: float = 10.0
     keepaliveInterval: float = 60.0
+    requestTimeout: float = 60.0
     idleTimeout: float = 600.0
     maxRecordSize: int = 65536
     software: str = "imxd"
@@ -250,6 +254,8 @@ class PeerProtocol(Protocol):
         self._pausedFor = set()
         self._acks = []
         self._reading = False
+        self._ackCall = None
+        self._requestTimer = None
 
     # -- life -------------------------------------------------------------
 
@@ -388,7 +394,9 @@ class PeerProtocol(Protocol):
             self._closeTimer.cancel()
         reason = self.lostFailure(reason)
         pending, self._pending = self._pending, {}
-        for deferred in pending.values():
+        if self._requestTimer is not None and self._requestTimer.active():
+            self._requestTimer.cancel()
+        for deferred, _sentAt, _record in pending.values():
             deferred.errback(reason)
         self.factory.connectionClosed(self)
 
@@ -702,10 +710,11 @@ class PeerProtocol(Protocol):
         """
         Complete the request whose tag the response carries.
         """
-        deferred = self._pending.pop(response.tag, None)
-        if deferred is None:
+        entry = self._pending.pop(response.tag, None)
+        if entry is None:
             self.factory.count("unmatched-responses")
             return
+        deferred = entry[0]
         if isinstance(response, Error):
             deferred.errback(RemoteError(response))
         else:
@@ -715,12 +724,13 @@ class PeerProtocol(Protocol):
         """
         Complete every request that an ACK lists.
         """
+        pending = self._pending
         for tag in ack.tags:
-            deferred = self._pending.pop(tag, None)
-            if deferred is None:
+            entry = pending.pop(tag, None)
+            if entry is None:
                 self.factory.count("unmatched-responses")
             else:
-                deferred.callback(ack)
+                entry[0].callback(ack)
 
     def _handleError(self, error):
         """
@@ -821,16 +831,22 @@ class PeerProtocol(Protocol):
     def acknowledge(self, tag):
         """
         Accept a request: its tag joins the next ACK, sent when the current
-        input has been processed (or now, when no input is being read).
+        input has been processed, or, for requests accepted later (after a
+        commit, say), at the end of the reactor's current turn, so that
+        requests accepted together share one ACK.
         """
         self._acks.append(tag)
-        if not self._reading:
-            self._flushAcks()
+        if not self._reading and self._ackCall is None:
+            self._ackCall = self.clock.callLater(0, self._flushAcks)
 
     def _flushAcks(self):
         """
         Send the ACKs gathered, at most L{ACK_BATCH} tags per record.
         """
+        if self._ackCall is not None:
+            if self._ackCall.active():
+                self._ackCall.cancel()
+            self._ackCall = None
         acks, self._acks = self._acks, []
         if self.state is PeerState.CLOSED or not acks:
             return
@@ -879,14 +895,15 @@ class PeerProtocol(Protocol):
 
     # -- sending ------------------------------------------------------------
 
-    def sendRecord(self, record):
+    def sendRecord(self, record, tag=None):
         """
         Write one record.
 
+        @param tag: the tag to send it with, or L{None} for its own.
         @raise EncodeError: the record is invalid or larger than the peer
             accepts.
         """
-        data = encodeRecord(record)
+        data = encodeRecord(record, tag)
         if len(data) - 12 > self.sendLimit:
             raise EncodeError(
                 f"{type(record).__name__} of {len(data) - 12} bytes exceeds the "
@@ -907,13 +924,47 @@ class PeerProtocol(Protocol):
         """
         tag = self._nextTag()
         deferred = defer.Deferred(lambda cancelled: self._pending.pop(tag, None))
-        self._pending[tag] = deferred
+        # Known before it is written: a synchronous transport may answer at once.
+        self._pending[tag] = (deferred, self.clock.seconds(), record)
         try:
-            self.sendRecord(attrs.evolve(record, tag=tag))
+            self.sendRecord(record, tag)
         except EncodeError:
             del self._pending[tag]
             raise
+        if self._requestTimer is None and self.settings.requestTimeout:
+            self._requestTimer = self.clock.callLater(
+                self.settings.requestTimeout, self._expireRequests
+            )
         return deferred
+
+    def _expireRequests(self):
+        """
+        Fail the requests that have waited longer than the request timeout
+        (the oldest come first), and look again when the next would.
+        """
+        self._requestTimer = None
+        timeout = self.settings.requestTimeout
+        now = self.clock.seconds()
+        expired = []
+        for tag, (_deferred, sentAt, _record) in self._pending.items():
+            if sentAt + timeout > now:
+                break
+            expired.append(tag)
+        for tag in expired:
+            deferred, _sentAt, record = self._pending.pop(tag)
+            self.factory.count("requests-timed-out")
+            deferred.errback(
+                Refused(
+                    ErrorCode.TEMPORARY_FAILURE,
+                    f"no answer to {RecordType(record.TYPE).name} from "
+                    f"{self._peerName()} within {timeout:g} s",
+                )
+            )
+        if self._pending and self.state is not PeerState.CLOSED:
+            oldest = next(iter(self._pending.values()))[1]
+            self._requestTimer = self.clock.callLater(
+                max(0.0, oldest + timeout - now), self._expireRequests
+            )
 
     def pendingRequests(self):
         """

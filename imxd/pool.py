@@ -333,12 +333,12 @@ class OutboundPool:
         deferred.addTimeout(REQUEST_TIMEOUT, self.clock)
         return deferred.addErrback(_timedOut, what, remote)
 
-    @defer.inlineCallbacks
     def send(self, pair, record):
         """
         Send a Data request for C{pair} to the remote domain: open or reuse
         a connection, authenticate the pair on it (dial-back), send, and
-        wait for the answer.  A request refused with C{shutting-down} (the
+        wait for the answer (each connection fails a request unanswered for
+        its request timeout).  A request refused with C{shutting-down} (the
         peer is draining) is sent again on another connection.
 
         @param pair: C{(localDomain, remoteDomain)}.
@@ -346,29 +346,86 @@ class OutboundPool:
             response record), or failing with L{Refused} (L{RemoteError}
             when the peer refused).
         """
+        return self._send(pair, record, 1)
+
+    def _send(self, pair, record, attempt):
+        ready = self._ready(pair)
+        if ready is None:
+            return self._connectAndSend(pair, record, attempt)
+        return self._request(ready, pair, record, attempt)
+
+    def _ready(self, pair):
+        """
+        @return: the least busy usable connection on which C{pair} is
+            already authenticated, or L{None} (the usual case once traffic
+            flows, so it is found without a Deferred).
+        """
+        best = None
+        for connection in self._connections.get(pair[1], ()):
+            if connection.usable() and connection.pairReady(pair):
+                if best is None or connection.pendingRequests() < best.pendingRequests():
+                    best = connection
+        return best
+
+    @defer.inlineCallbacks
+    def _connectAndSend(self, pair, record, attempt):
+        """
+        Open or reuse a connection, authenticate the pair on it, then send.
+        """
         remote = pair[1]
-        for attempt in range(1, RESEND_ATTEMPTS + 1):
-            protocol = yield self.connection(remote, localDomain=pair[0])
-            try:
-                yield self._bounded(protocol.authenticatePair(pair), "dial-back", remote)
-                protocol.noteActivity()
-                answer = yield self._bounded(protocol.request(record), "an answer", remote)
-            except RemoteError as e:
-                if e.code != ErrorCode.SHUTTING_DOWN or attempt == RESEND_ATTEMPTS:
-                    raise
-                protocol.stopUsing()
-                continue
-            except Refused:
+        protocol = yield self.connection(remote, localDomain=pair[0])
+        try:
+            yield self._bounded(protocol.authenticatePair(pair), "dial-back", remote)
+        except RemoteError as e:
+            if e.code != ErrorCode.SHUTTING_DOWN or attempt == RESEND_ATTEMPTS:
                 raise
-            except EncodeError as e:
-                raise Refused(ErrorCode.MALFORMED, f"cannot send: {e}") from None
-            except Exception as e:
-                raise Refused(
-                    ErrorCode.TEMPORARY_FAILURE,
-                    f"connection to {remote} lost before an answer: {_reason(e)}",
-                ) from None
-            protocol.noteActivity()
+            protocol.stopUsing()
+            answer = yield self._send(pair, record, attempt + 1)
             return answer
+        except Refused:
+            raise
+        except Exception as e:
+            raise Refused(
+                ErrorCode.TEMPORARY_FAILURE,
+                f"connection to {remote} lost before an answer: {_reason(e)}",
+            ) from None
+        answer = yield self._request(protocol, pair, record, attempt)
+        return answer
+
+    def _request(self, protocol, pair, record, attempt):
+        """
+        Send the request on C{protocol} and translate what can go wrong.
+        """
+        try:
+            sent = protocol.request(record)
+        except EncodeError as e:
+            return defer.fail(Refused(ErrorCode.MALFORMED, f"cannot send: {e}"))
+        protocol.noteActivity()
+        return sent.addCallbacks(
+            _answered, self._unanswered, (protocol,), None, (protocol, pair, record, attempt)
+        )
+
+    def _unanswered(self, failure, protocol, pair, record, attempt):
+        """
+        A peer that drains is asked again on another connection; a lost
+        connection is a temporary failure.
+        """
+        if failure.check(RemoteError):
+            if failure.value.code != ErrorCode.SHUTTING_DOWN or attempt == RESEND_ATTEMPTS:
+                return failure
+            protocol.stopUsing()
+            return self._send(pair, record, attempt + 1)
+        if failure.check(Refused):
+            return failure
+        raise Refused(
+            ErrorCode.TEMPORARY_FAILURE,
+            f"connection to {pair[1]} lost before an answer: {_reason(failure.value)}",
+        )
+
+
+def _answered(answer, protocol):
+    protocol.noteActivity()
+    return answer
 
 
 def _timedOut(failure, what, remote):

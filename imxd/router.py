@@ -13,7 +13,6 @@ only as its own addresses, each account within its rate limit.
 
 import collections
 
-import attrs
 from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -21,7 +20,7 @@ from twisted.python.failure import Failure
 from imxd.address import POSTMASTER, Address, AddressError, normaliseDomain
 from imxd.peer import Refused
 from imxd.ratelimit import RateLimiter
-from imxd.wire import EncodeError
+from imxd.wire import EncodeError, withTag
 from imxd.wire import (
     DomainAttributesGet,
     ErrorCode,
@@ -48,7 +47,7 @@ _ENVELOPES = {
 }
 
 
-def _domainOf(text, field, domainAllowed):
+def domainOf(text, field, domainAllowed):
     """
     @return: the canonical domain of an address (or, where allowed, of a
         bare domain).
@@ -73,12 +72,12 @@ def dataPair(record):
     """
     origin, recipient = _ENVELOPES[type(record)]
     domainOnly = isinstance(record, DomainAttributesGet)
-    originDomain = _domainOf(getattr(record, origin), "FROM", domainOnly)
+    originDomain = domainOf(getattr(record, origin), "FROM", domainOnly)
     recipients = getattr(record, recipient)
     if isinstance(recipients, str):
         recipients = (recipients,)
     field = "TARGET" if recipient == "target" else "TO"
-    domains = {_domainOf(each, field, domainOnly) for each in recipients}
+    domains = {domainOf(each, field, domainOnly) for each in recipients}
     if len(domains) != 1:
         raise Refused(
             ErrorCode.MALFORMED, "the TO addresses of a NOTIFY span several domains"
@@ -277,7 +276,7 @@ class Router:
                 )
             )
         if record.tag:
-            record = attrs.evolve(record, tag=0)
+            record = withTag(record, 0)
         self._inProgress[receiving] += 1
         received = self._receive(domain, record, origin)
         return received.addBoth(self._handled, receiving)

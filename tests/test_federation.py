@@ -452,7 +452,7 @@ class DialbackTests(FederationTestsMixin, SynchronousTestCase):
         stranger = self.stranger(self.b)
         sent = []
         original = connection.sendRecord
-        connection.sendRecord = lambda record: (sent.append(record), original(record))
+        connection.sendRecord = lambda record, tag=None: (sent.append(record), original(record, tag))
         pending = connection.authenticatePair(pair)
         [captured] = [r for r in sent if isinstance(r, DialbackKey)]
         replay = stranger.request(self.key(token=captured.token))

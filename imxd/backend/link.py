@@ -23,15 +23,15 @@ import hmac
 import os
 from typing import Any, Mapping
 
-import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from imxd.address import Address, AddressError, normaliseDomain
+from imxd.address import AddressError, normaliseDomain
 from imxd.backend.interfaces import DECISIONS, IBackend
 from imxd.peer import PeerFactory, PeerProtocol, PeerSettings, PeerState, Refused
 from imxd.presence import parseAttributes
+from imxd.router import domainOf
 from imxd.wire import (
     Attributes,
     DomainAttributesGet,
@@ -44,6 +44,7 @@ from imxd.wire import (
     SubscriptionState,
     Unsubscribe,
     UserAttributesGet,
+    withTag,
 )
 
 __all__ = ["LinkBackend", "LinkServerProtocol", "LinkFactory", "linkServices", "validateOptions"]
@@ -336,19 +337,6 @@ class LinkBackend:
         return f"<LinkBackend {self.domain} {state} held={len(self.held)}>"
 
 
-def _ownDomain(address: str) -> str:
-    """
-    @return: the canonical domain of an address (or of a bare domain).
-    @raise Refused: C{malformed}.
-    """
-    try:
-        if "@" not in address:
-            return normaliseDomain(address)
-        return Address.parse(address).domain
-    except AddressError as e:
-        raise Refused(ErrorCode.MALFORMED, f"FROM: {e}") from None
-
-
 class LinkServerProtocol(PeerProtocol):
     """
     imxd's side of one link connection.
@@ -418,7 +406,7 @@ class LinkServerProtocol(PeerProtocol):
         @raise Refused: C{malformed}, or C{not-authenticated} when this
             connection does not serve its domain.
         """
-        domain = _ownDomain(address)
+        domain = domainOf(address, "FROM", domainAllowed=True)
         if domain not in self.domains:
             raise Refused(
                 ErrorCode.NOT_AUTHENTICATED,
@@ -445,7 +433,7 @@ class LinkServerProtocol(PeerProtocol):
     def _sendMessage(self, message):
         service = self._serviceFor(message.sender)
         if message.tag:
-            message = attrs.evolve(message, tag=0)
+            message = withTag(message, 0)
         return service.sendMessage(message)
 
     def _subscribe(self, record):

@@ -139,11 +139,8 @@ class Database:
             return
         try:
             self._db.execute("BEGIN")
-            for statement in pending:
-                if len(statement) == 3:
-                    self._db.executemany(statement[0], statement[1])
-                else:
-                    self._db.execute(*statement)
+            for sql, rows in _runs(pending):
+                self._db.executemany(sql, rows)
             self._db.execute("COMMIT")
         except Exception as e:
             # Not only sqlite3.Error: a value SQLite cannot take (a lone
@@ -170,3 +167,22 @@ class Database:
         self.commit()
         self._closed = True
         self._db.close()
+
+
+def _runs(pending):
+    """
+    Group queued statements into runs of the same SQL, in order, so that
+    each run is one C{executemany} (thousands of single-row inserts and
+    deletes in a busy turn cost one call each otherwise).
+
+    @return: C{(sql, rows)} pairs.
+    """
+    runs = []
+    for statement in pending:
+        sql = statement[0]
+        rows = statement[1] if len(statement) == 3 else (statement[1],)
+        if runs and runs[-1][0] == sql:
+            runs[-1][1].extend(rows)
+        else:
+            runs.append((sql, list(rows)))
+    return runs

@@ -65,6 +65,7 @@ from imxd.wire.records import (
     decodeRecord,
     decodeRecords,
     encodeRecord,
+    withTag,
 )
 
 __all__ = [name for name in dir() if not name.startswith("_")]

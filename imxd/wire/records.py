@@ -116,6 +116,7 @@ def record(recordType, alwaysResponse=False):
             if wire is not None:
                 specs.append(FieldSpec(attribute.name, *wire))
         cls.FIELDS = tuple(specs)
+        cls._NAMES = tuple(attribute.name for attribute in attrs.fields(cls))
         cls._FIELDS_BY_ID = {spec.field: spec for spec in specs}
         RECORD_CLASSES[recordType] = cls
         return cls
@@ -513,21 +514,41 @@ def _appendField(parts, spec, kind, identifier, value):
     parts.append(raw)
 
 
-def encodeRecord(record):
+def encodeRecord(record, tag=None):
     """
     Encode a record, header included.
 
     @param record: a L{Record} (or L{UnknownRecord}).
+    @param tag: the tag to send it with, or L{None} for its own.
     @return: the bytes to write.
     @raise EncodeError: the record cannot be encoded.
     """
-    if not 0 <= record.tag <= 0xFFFFFFFF:
-        raise EncodeError(f"tag {record.tag!r} is not a u32")
+    if tag is None:
+        tag = record.tag
+    if not 0 <= tag <= 0xFFFFFFFF:
+        raise EncodeError(f"tag {tag!r} is not a u32")
     if isinstance(record, UnknownRecord):
         if not 0 <= record.type <= 0xFFFF:
             raise EncodeError(f"record type {record.type!r} is not a u16")
-        return encodeFrame(record.type, record.flags, record.tag, record.body)
-    return encodeFrame(record.TYPE, record.flags, record.tag, encodeBody(record))
+        return encodeFrame(record.type, record.flags, tag, record.body)
+    return encodeFrame(record.TYPE, record.flags, tag, encodeBody(record))
+
+
+def withTag(record, tag):
+    """
+    @return: a copy of C{record} with another tag: what C{attrs.evolve}
+        gives, without running the constructor again (the values were
+        checked when the record was made).
+    """
+    copy = _new(type(record))
+    for name in record._NAMES:
+        _set(copy, name, getattr(record, name))
+    _set(copy, "tag", tag)
+    return copy
+
+
+_new = object.__new__
+_set = object.__setattr__
 
 
 def decodeRecord(frame):
@@ -625,6 +646,7 @@ __all__ = [
     "LINK_TYPES",
     "DATA_TYPES",
     "encodeRecord",
+    "withTag",
     "decodeRecord",
     "decodeRecords",
 ]
