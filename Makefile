@@ -1,6 +1,7 @@
 # imxd developer tasks.  `make run` starts the server in the foreground on
 # etc/imxd.toml; `make test` runs the whole test suite; `make demo` runs two
-# servers on loopback and shows two people using them with the `imx` tool.  Both build the
+# servers on loopback and shows two people using them with the `imx` tool;
+# `make bench` measures (docs/performance.md).  All build the
 # virtual environment in $(VENV) first when setup.cfg or pyproject.toml change.
 
 VENV ?= .venv
@@ -8,7 +9,7 @@ PYTHON ?= python3
 PYTEST_ARGS ?= -q -p no:cacheprovider
 CONFIG ?= etc/imxd.toml
 
-.PHONY: run test quicktest demo clean
+.PHONY: run test quicktest demo bench clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	@if ! $(PYTHON) -m venv $(VENV); then \
@@ -35,6 +36,12 @@ quicktest: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/python demo/demo.py
+
+# `make bench` runs every scenario (about 15 minutes, Prosody included);
+# `make bench BENCH=quick` runs a short scenario 1 and ends with its JSON.
+BENCH ?= full
+bench: $(VENV)/.installed
+	$(VENV)/bin/python bench/run.py $(if $(filter quick,$(BENCH)),--quick)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info _trial_temp* .pytest_cache .hypothesis

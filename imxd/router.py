@@ -12,6 +12,7 @@ only as its own addresses, each account within its rate limit.
 """
 
 import collections
+import re
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
@@ -61,6 +62,10 @@ def domainOf(text, field, domainAllowed):
         raise Refused(ErrorCode.MALFORMED, f"{field}: {e}") from None
 
 
+#: MESSAGE_IDs are printable ASCII: 0x21 to 0x7e.
+_PRINTABLE = re.compile("[\x21-\x7e]+")
+
+
 def dataPair(record):
     """
     The domain pair a Data record travels for: the domain of its sender
@@ -70,23 +75,24 @@ def dataPair(record):
     @raise Refused: C{malformed} for a bad address, a MESSAGE_ID that is not
         printable ASCII, or a NOTIFY whose recipients are in several domains.
     """
-    origin, recipient = _ENVELOPES[type(record)]
-    domainOnly = isinstance(record, DomainAttributesGet)
+    recordType = type(record)
+    origin, recipient = _ENVELOPES[recordType]
+    domainOnly = recordType is DomainAttributesGet
     originDomain = domainOf(getattr(record, origin), "FROM", domainOnly)
     recipients = getattr(record, recipient)
-    if isinstance(recipients, str):
-        recipients = (recipients,)
     field = "TARGET" if recipient == "target" else "TO"
-    domains = {domainOf(each, field, domainOnly) for each in recipients}
-    if len(domains) != 1:
-        raise Refused(
-            ErrorCode.MALFORMED, "the TO addresses of a NOTIFY span several domains"
-        )
-    if isinstance(record, Message):
-        messageId = record.messageId
-        if not all(0x21 <= ord(c) <= 0x7E for c in messageId):
-            raise Refused(ErrorCode.MALFORMED, "MESSAGE_ID is not printable ASCII")
-    return originDomain, domains.pop()
+    if isinstance(recipients, str):
+        receiving = domainOf(recipients, field, domainOnly)
+    else:
+        domains = {domainOf(each, field, domainOnly) for each in recipients}
+        if len(domains) != 1:
+            raise Refused(
+                ErrorCode.MALFORMED, "the TO addresses of a NOTIFY span several domains"
+            )
+        receiving = domains.pop()
+    if recordType is Message and _PRINTABLE.fullmatch(record.messageId) is None:
+        raise Refused(ErrorCode.MALFORMED, "MESSAGE_ID is not printable ASCII")
+    return originDomain, receiving
 
 
 #: Seconds between two prunings of the dedupe table.

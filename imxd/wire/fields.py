@@ -129,3 +129,50 @@ def isMustUnderstand(identifier):
     @return: whether a field identifier carries the must-understand bit.
     """
     return bool(identifier & FIELD_MUST_UNDERSTAND)
+
+
+def _encodeString(value):
+    if "\x00" in value:
+        raise ValueError
+    return value.encode("utf-8")
+
+
+def _decodeString(raw):
+    if b"\x00" in raw:
+        raise ValueError
+    return raw.decode("utf-8")
+
+
+def _decodeU16(raw):
+    return _U16.unpack(raw)[0]
+
+
+def _decodeU32(raw):
+    return _U32.unpack(raw)[0]
+
+
+def _decodeTags(raw):
+    if len(raw) % 4:
+        raise ValueError
+    return struct.unpack(f">{len(raw) // 4}I", raw)
+
+
+def _encodeTags(value):
+    return struct.pack(f">{len(value)}I", *value)
+
+
+def _identity(raw):
+    return raw
+
+
+#: For each kind: a fast encoder (value -> bytes) and a fast decoder (bytes
+#: -> value) for the values that are valid.  Either raises on anything
+#: else, and the caller then asks L{encodeValue} or L{decodeValue}, which
+#: give the error with its explanation.
+FAST_CODECS = {
+    FieldKind.STRING: (_encodeString, _decodeString),
+    FieldKind.BYTES: (bytes, _identity),
+    FieldKind.U16: (_U16.pack, _decodeU16),
+    FieldKind.U32: (_U32.pack, _decodeU32),
+    FieldKind.TAGS: (_encodeTags, _decodeTags),
+}

@@ -12,11 +12,11 @@ import attrs
 from imxd.wire.constants import FIELD_KINDS, FIELD_LENGTHS, Field, Flag, RecordType
 from imxd.wire.errors import EncodeError, MalformedRecord, MustUnderstand
 from imxd.wire.fields import (
+    FAST_CODECS,
     FIELD_HEADER,
     decodeValue,
     encodeValue,
     isMustUnderstand,
-    iterateFields,
 )
 from imxd.wire.framing import Frame, FrameDecoder, encodeFrame
 
@@ -100,6 +100,31 @@ class Record:
         return flags
 
 
+_RESPONSE = int(Flag.RESPONSE)
+_MUST_UNDERSTAND = int(Flag.MUST_UNDERSTAND)
+
+#: Length bounds of fields that have none: any length a u32 can say.
+_ANY_LENGTH = (0, 0xFFFFFFFF)
+
+
+def _codecsOf(specs):
+    """
+    @return: a record class's field encoders, in order, and its field
+        decoders by identifier, each with what it needs at hand.
+    """
+    encoders = []
+    decoders = {}
+    for spec in specs:
+        encode, decode = FAST_CODECS[spec.kind]
+        low, high = spec.lengths or _ANY_LENGTH
+        identifier = int(spec.field)
+        encoders.append(
+            (spec.attribute, identifier, encode, low, high, spec.repeated, spec.required, spec)
+        )
+        decoders[identifier] = (spec.attribute, decode, low, high, spec.repeated, spec)
+    return tuple(encoders), decoders
+
+
 def record(recordType, alwaysResponse=False):
     """
     Class decorator: make an attrs record class for C{recordType} and
@@ -118,6 +143,7 @@ def record(recordType, alwaysResponse=False):
         cls.FIELDS = tuple(specs)
         cls._NAMES = tuple(attribute.name for attribute in attrs.fields(cls))
         cls._FIELDS_BY_ID = {spec.field: spec for spec in specs}
+        cls._ENCODERS, cls._DECODERS = _codecsOf(specs)
         RECORD_CLASSES[recordType] = cls
         return cls
 
@@ -483,35 +509,38 @@ def encodeBody(record):
     @raise EncodeError: a required field is missing or a value does not fit.
     """
     parts = []
-    for spec in record.FIELDS:
-        value = getattr(record, spec.attribute)
-        kind = spec.kind
-        identifier = spec.field
-        if spec.repeated and value:
-            for item in value:
-                _appendField(parts, spec, kind, identifier, item)
-        elif value is not None and not spec.repeated:
-            _appendField(parts, spec, kind, identifier, value)
-        elif spec.required:
-            raise EncodeError(
-                f"{type(record).__name__}.{spec.attribute} is required"
-            )
+    append = parts.append
+    for attribute, identifier, encode, low, high, repeated, required, spec in record._ENCODERS:
+        value = getattr(record, attribute)
+        if repeated:
+            if not value:
+                if required:
+                    _missing(record, attribute)
+                continue
+            items = value
+        elif value is None:
+            if required:
+                _missing(record, attribute)
+            continue
+        else:
+            items = (value,)
+        for item in items:
+            try:
+                raw = encode(item)
+            except Exception:
+                raw = encodeValue(spec.kind, item, identifier)
+            size = len(raw)
+            if not low <= size <= high:
+                raise EncodeError(
+                    f"field {spec.field.name} of {size} octets is outside {low}..{high}"
+                )
+            append(FIELD_HEADER.pack(identifier, size))
+            append(raw)
     return b"".join(parts)
 
 
-def _appendField(parts, spec, kind, identifier, value):
-    """
-    Encode one field value into C{parts}, checking its length bounds.
-    """
-    raw = encodeValue(kind, value, identifier)
-    lengths = spec.lengths
-    if lengths is not None and not lengths[0] <= len(raw) <= lengths[1]:
-        raise EncodeError(
-            f"field {spec.field.name} of {len(raw)} octets is outside "
-            f"{lengths[0]}..{lengths[1]}"
-        )
-    parts.append(FIELD_HEADER.pack(identifier, len(raw)))
-    parts.append(raw)
+def _missing(record, attribute):
+    raise EncodeError(f"{type(record).__name__}.{attribute} is required")
 
 
 def encodeRecord(record, tag=None):
@@ -527,11 +556,12 @@ def encodeRecord(record, tag=None):
         tag = record.tag
     if not 0 <= tag <= 0xFFFFFFFF:
         raise EncodeError(f"tag {tag!r} is not a u32")
+    flags = (record.response or record.ALWAYS_RESPONSE) << 1 | record.mustUnderstand
     if isinstance(record, UnknownRecord):
         if not 0 <= record.type <= 0xFFFF:
             raise EncodeError(f"record type {record.type!r} is not a u16")
-        return encodeFrame(record.type, record.flags, tag, record.body)
-    return encodeFrame(record.TYPE, record.flags, tag, encodeBody(record))
+        return encodeFrame(record.type, flags, tag, record.body)
+    return encodeFrame(record.TYPE, flags, tag, encodeBody(record))
 
 
 def withTag(record, tag):
@@ -565,8 +595,8 @@ def decodeRecord(frame):
     @raise MustUnderstand: it holds an unknown must-understand field.
     """
     recordType, flags, tag, body = frame
-    response = bool(flags & Flag.RESPONSE)
-    mustUnderstand = bool(flags & Flag.MUST_UNDERSTAND)
+    response = bool(flags & _RESPONSE)
+    mustUnderstand = bool(flags & _MUST_UNDERSTAND)
     cls = RECORD_CLASSES.get(recordType)
     if cls is None:
         return UnknownRecord(
@@ -576,11 +606,26 @@ def decodeRecord(frame):
             response=response,
             mustUnderstand=mustUnderstand,
         )
-    byId = cls._FIELDS_BY_ID
+    byId = cls._DECODERS
     values = {}
-    for identifier, raw in iterateFields(body, tag):
-        spec = byId.get(identifier & 0x7FFF)
-        if spec is None:
+    offset = 0
+    end = len(body)
+    unpack = FIELD_HEADER.unpack_from
+    while offset < end:
+        if end - offset < 6:
+            raise MalformedRecord(f"{end - offset} stray bytes at the end of the record body", tag)
+        identifier, length = unpack(body, offset)
+        offset += 6
+        if length > end - offset:
+            raise MalformedRecord(
+                f"field 0x{identifier:04x} announces {length} bytes but only "
+                f"{end - offset} remain in the record",
+                tag,
+            )
+        raw = body[offset : offset + length]
+        offset += length
+        decoder = byId.get(identifier & 0x7FFF)
+        if decoder is None:
             if isMustUnderstand(identifier):
                 raise MustUnderstand(
                     f"{cls.__name__} carries unknown must-understand field "
@@ -588,16 +633,18 @@ def decodeRecord(frame):
                     tag,
                 )
             continue
-        lengths = spec.lengths
-        if lengths is not None and not lengths[0] <= len(raw) <= lengths[1]:
+        name, decode, low, high, repeated, spec = decoder
+        if not low <= length <= high:
             raise MalformedRecord(
-                f"{cls.__name__} field {spec.field.name} has {len(raw)} octets; "
-                f"{lengths[0]} to {lengths[1]} are allowed",
+                f"{cls.__name__} field {spec.field.name} has {length} octets; "
+                f"{low} to {high} are allowed",
                 tag,
             )
-        value = decodeValue(spec.kind, raw, identifier, tag)
-        name = spec.attribute
-        if spec.repeated:
+        try:
+            value = decode(raw)
+        except Exception:
+            value = decodeValue(spec.kind, raw, identifier, tag)
+        if repeated:
             values.setdefault(name, []).append(value)
         elif name in values:
             raise MalformedRecord(
