@@ -175,7 +175,10 @@ class Run:
         """
         while not predicate():
             if time.perf_counter() - self.progress > STALL:
-                raise RuntimeError(f"stalled waiting for {what}")
+                raise RuntimeError(
+                    f"stalled waiting for {what}: {len(self.receivedIds)} messages and "
+                    f"{self.handlerB.notified} notifications received"
+                )
             yield task.deferLater(self.reactor, 0.01, lambda: None)
 
     def usage(self):
@@ -333,6 +336,8 @@ class Run:
         granted = yield self._subscribe(
             [(f"fan{n}@{domains[n % len(domains)]}", "star@a.test") for n in range(count)]
         )
+        if granted != count:
+            raise RuntimeError(f"{count - granted} of {count} subscriptions not granted")
         yield self.waitUntil(
             lambda: time.perf_counter() - self.progress > 1.0, "the first notifications"
         )
@@ -432,17 +437,18 @@ class Run:
         count = self.spec["connections"]
         host, port = self.spec["imxA"]
         before = self.usage()
-        factory = protocol.Factory.forProtocol(_Idle)
-        factory.greeted = 0
-        endpoints = []
-        for _ in range(count):
-            point = protocol.ClientCreator(self.reactor, _Idle)
-            endpoints.append(point.connectTCP(host, port))
-        connected = yield defer.gatherResults(endpoints)
-        self.progress = time.perf_counter()
-        yield self.waitUntil(
-            lambda: sum(p.greeted for p in connected) >= count, "every HELLO"
-        )
+        connected = []
+        # In batches, within the listener's accept backlog (50 by default).
+        for start in range(0, count, 40):
+            batch = yield defer.gatherResults(
+                [
+                    protocol.ClientCreator(self.reactor, _Idle).connectTCP(host, port)
+                    for _ in range(min(40, count - start))
+                ]
+            )
+            connected.extend(batch)
+            self.progress = time.perf_counter()
+            yield self.waitUntil(lambda: all(p.greeted for p in batch), "every HELLO")
         yield task.deferLater(self.reactor, 1.0, lambda: None)
         after = self.usage()
         for p in connected:
