@@ -364,13 +364,15 @@ HEADER = (
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="scenario 1 only, shortened")
-    parser.add_argument("--json", default=os.path.join(HERE, "results.json"), help="where to write the JSON")
+    parser.add_argument("--json", help="where to write the JSON (default bench/results.json, quick: bench/results-quick.json)")
     parser.add_argument("--no-prosody", action="store_true", help="skip the Prosody comparison")
     parser.add_argument(
         "--only", choices=["fanout", "connections", "subscriptions", "startup"],
         help="run one of the other measurements alone",
     )
     options = parser.parse_args(argv)
+    if options.json is None:
+        options.json = os.path.join(HERE, "results-quick.json" if options.quick else "results.json")
     freeFiles()
     results = {
         "machine": {
