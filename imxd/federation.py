@@ -1101,6 +1101,10 @@ class Federation(PeerFactory):
             target = redirection.target
             lines.append((f"redirect.{domain}", f"{target.host}:{target.port}"))
         lines.extend(self.outbox.status())
+        for name in sorted(self.hostedDomains()):
+            backendStatus = getattr(self.aggregator.domain(name).backend, "status", None)
+            if backendStatus is not None:
+                lines.extend(backendStatus())
         lines.append(("count.duplicates-suppressed", self.router.duplicates))
         lines.append(("count.rate-limited", self.domainRate.refusals))
         lines.append(("count.busy-refusals", self.router.busyRefusals))

@@ -36,6 +36,7 @@ from twisted.internet.endpoints import clientFromString
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from imxd.backend.link import SECRET_LENGTHS
 from imxd.peer import PeerFactory, PeerProtocol, PeerSettings, PeerState, Refused, RemoteError
 from imxd.presence import formatAttributes, parseAttributes
 from imxd.waiters import Waiters
@@ -140,9 +141,15 @@ class LinkClientProtocol(PeerProtocol):
 
     def _authRefused(self, failure):
         failure = failure.value.subFailure if isinstance(failure.value, defer.FirstError) else failure
-        if self.state is PeerState.OPEN:
+        if self.state is not PeerState.OPEN:
+            return
+        if failure.check(RemoteError):
+            # imxd said no: a wrong secret does not right itself.
             self.factory.client.refused(self, failure)
             self.close("authentication refused")
+        else:
+            # No answer in time: try again on a new connection.
+            self.close("no answer to LINK_AUTH")
 
     def connectionLost(self, reason):
         """
@@ -268,6 +275,12 @@ class LinkClient(service.Service):
             domain: secret.encode("utf-8") if isinstance(secret, str) else secret
             for domain, secret in secrets.items()
         }
+        for domain, secret in self.secrets.items():
+            if not SECRET_LENGTHS[0] <= len(secret) <= SECRET_LENGTHS[1]:
+                raise ValueError(
+                    f"the link secret of {domain} must be {SECRET_LENGTHS[0]} to "
+                    f"{SECRET_LENGTHS[1]} octets"
+                )
         self.connection = None
         self.outstanding: dict[int, list] = {}
         self._keys = itertools.count()
@@ -365,7 +378,11 @@ class LinkClient(service.Service):
 
     def _failed(self, failure, key):
         if not failure.check(RemoteError):
-            # The link closed first: sent again once it is back.
+            # The link closed first, or the answer timed out: sent again
+            # now if the link is up, else once it is back.
+            connection = self.connection
+            if key in self.outstanding and connection is not None and connection.state is PeerState.OPEN:
+                self._transmit(key)
             return None
         entry = self.outstanding.pop(key, None)
         if entry is not None:

@@ -201,8 +201,44 @@ class ServerSideTests(SynchronousTestCase):
         self.backend.maxHeld = 3
         for index in range(5):
             self.backend.deliveryReport(message("alice@a.test", "x@c.test", f"m-{index}"), None)
-        self.assertEqual([r.messageId for r in self.backend.held], ["m-2", "m-3", "m-4"])
+        self.assertEqual([r.messageId for _, r in self.backend.held], ["m-2", "m-3", "m-4"])
         self.assertEqual(self.backend.heldDropped, 2)
+
+    def test_unconfirmedSentAgain(self):
+        """
+        Held records a link took but never confirmed (it died first) are
+        sent again, in their order and before newer ones, to the next link.
+        """
+        from twisted.internet.defer import Deferred
+
+        class Stalling(RecordingHandler):
+            def deliveryReport(self, report):
+                self.reports.append(report)
+                return Deferred()
+
+        stalling = Raw(self, [self.backend])
+        stalling.handler.__class__ = Stalling
+        stalling.ask(LinkAuth(domain="a.test", secret=SECRET))
+        for index in range(3):
+            self.backend.deliveryReport(message("alice@a.test", "x@c.test", f"m-{index}"), None)
+        self.assertEqual(len(stalling.handler.reports), 3)
+        stalling.server.transport.abortConnection()
+        self.backend.deliveryReport(message("alice@a.test", "x@c.test", "m-3"), None)
+        second = Raw(self, [self.backend])
+        second.ask(LinkAuth(domain="a.test", secret=SECRET))
+        self.assertEqual(
+            [r.messageId for r in second.handler.reports], ["m-0", "m-1", "m-2", "m-3"]
+        )
+
+    def test_backendDataRefusedAsUnsupported(self):
+        """
+        A record a backend never sends (NOTIFY) is refused as unsupported.
+        """
+        from imxd.wire import Notify
+
+        self.raw.ask(LinkAuth(domain="a.test", secret=SECRET))
+        notify = Notify(publisher="alice@a.test", subscribers=("x@c.test",), presence="away")
+        self.assertEqual(self.raw.ask(notify).value.code, ErrorCode.UNSUPPORTED)
 
     def test_newLinkTakesOver(self):
         """
@@ -319,6 +355,25 @@ class ClientTests(SynchronousTestCase):
             self.assertIsNone(self.successResultOf(each))
         self.assertEqual(client.outstanding, {})
         self.assertGreater(client.endpoint.attempts, 1)
+
+    def test_status(self):
+        """
+        C{imxctl status} says whether a link serves each link domain, from
+        where, and how many records are held for it.
+        """
+        status = dict(self.server.status())
+        self.assertEqual(status["link.a.test"], "unlinked held=0 dropped=0")
+        client = linkClient(self.network, self.server, ["a.test"], RecordingHandler(), {"a.test": SECRET})
+        self.successResultOf(client.whenLinked())
+        status = dict(self.server.status())
+        self.assertRegex(status["link.a.test"], r"^linked from=127\.0\.0\.1:\d+ held=0 dropped=0$")
+
+    def test_secretLength(self):
+        """
+        The client refuses a secret imxd could never accept, at once.
+        """
+        with self.assertRaises(ValueError):
+            LinkClient(Clock(), CallableEndpoint(lambda p: None), {"a.test": b"short"}, LinkHandler())
 
     def test_stopFailsOutstanding(self):
         """

@@ -29,10 +29,11 @@ from zope.interface import implementer
 
 from imxd.address import AddressError, normaliseDomain
 from imxd.backend.interfaces import DECISIONS, IBackend
-from imxd.peer import PeerFactory, PeerProtocol, PeerSettings, PeerState, Refused
+from imxd.peer import PeerFactory, PeerProtocol, PeerSettings, PeerState, Refused, RemoteError
 from imxd.presence import parseAttributes
 from imxd.router import domainOf
 from imxd.wire import (
+    DATA_TYPES,
     Attributes,
     DomainAttributesGet,
     ErrorCode,
@@ -140,7 +141,8 @@ class LinkBackend:
     @ivar connection: the L{LinkServerProtocol} serving the domain now, or
         L{None}.
     @ivar service: the hosted domain (L{IDomainService}), once started.
-    @ivar held: records (REPORT, SUBSCRIPTION_STATE) waiting for a link.
+    @ivar held: C{(serial, record)} (REPORT, SUBSCRIPTION_STATE) waiting
+        for a link.
     @ivar heldDropped: held records dropped because more than L{MAX_HELD}
         waited.
     """
@@ -156,6 +158,8 @@ class LinkBackend:
         self.service = None
         self.held: collections.deque = collections.deque()
         self.heldDropped = 0
+        self._serial = 0
+        self._unconfirmed: dict = {}
 
     @classmethod
     def fromConfig(cls, domainConfig: Any) -> "LinkBackend":
@@ -182,6 +186,9 @@ class LinkBackend:
         old, self.connection = self.connection, connection
         if old is not None and old is not connection:
             old.domains.discard(self.domain)
+        # What an earlier link took but never confirmed goes first, in order.
+        unconfirmed, self._unconfirmed = self._unconfirmed, {}
+        self.held.extendleft(reversed(sorted(unconfirmed.items())))
         self._sendHeld()
 
     def detach(self, connection: "LinkServerProtocol") -> None:
@@ -220,7 +227,7 @@ class LinkBackend:
         Send a record the backend must not miss now, or once it is linked
         again.
         """
-        if len(self.held) >= self.maxHeld:
+        if len(self.held) + len(self._unconfirmed) >= self.maxHeld and self.held:
             self.held.popleft()
             self.heldDropped += 1
             if self.heldDropped == 1 or not self.heldDropped % 1000:
@@ -229,7 +236,8 @@ class LinkBackend:
                     domain=self.domain,
                     count=self.heldDropped,
                 )
-        self.held.append(record)
+        self._serial += 1
+        self.held.append((self._serial, record))
         self._sendHeld()
 
     def _sendHeld(self) -> None:
@@ -238,19 +246,29 @@ class LinkBackend:
         again.
         """
         while self.held and self.connected():
-            record = self.held.popleft()
-            self.connection.request(record).addErrback(self._notTaken, record)
+            serial, record = self.held.popleft()
+            self._unconfirmed[serial] = record
+            self.connection.request(record).addCallbacks(
+                self._taken, self._notTaken, (serial,), None, (serial, record)
+            )
 
-    def _notTaken(self, failure, record):
-        if failure.check(Refused):
+    def _taken(self, _, serial):
+        self._unconfirmed.pop(serial, None)
+
+    def _notTaken(self, failure, serial, record):
+        """
+        The backend refused a held record (dropped and logged); one the link
+        lost or left unanswered stays unconfirmed and is sent again, in
+        order, when a link next authenticates.
+        """
+        if failure.check(RemoteError):
+            self._unconfirmed.pop(serial, None)
             self.log.warn(
                 "{domain}: the backend refused {record}: {error}",
                 domain=self.domain,
                 record=type(record).__name__,
                 error=failure.value,
             )
-            return
-        self.held.appendleft(record)
 
     # -- IBackend -----------------------------------------------------------------
 
@@ -331,6 +349,17 @@ class LinkBackend:
                 text=None if refusal is None else refusal.text,
             )
         )
+
+    def status(self) -> list:
+        """
+        @return: the C{imxctl status} line of the domain's link: whether a
+            link serves it and from where, and the records held for it.
+        """
+        if self.connected():
+            state = f"linked from={self.connection._peerName()}"
+        else:
+            state = "unlinked"
+        return [(f"link.{self.domain}", f"{state} held={len(self.held)} dropped={self.heldDropped}")]
 
     def __repr__(self) -> str:
         state = "linked" if self.connected() else "unlinked"
@@ -413,6 +442,22 @@ class LinkServerProtocol(PeerProtocol):
                 f"{domain} is not authenticated on this link",
             )
         return self.factory.backends[domain].service
+
+    def refuseRecord(self, record):
+        """
+        Records a backend never sends (RENEW, NOTIFY, ...) are refused as
+        unsupported, not as unauthenticated Data.
+        """
+        if record.TYPE in DATA_TYPES and self.state is PeerState.OPEN:
+            self.factory.count("records-refused")
+            self.sendRecord(
+                Refused(
+                    ErrorCode.UNSUPPORTED,
+                    f"{type(record).__name__} is not a request a backend sends on the link",
+                ).toError(record.tag)
+            )
+            return
+        super().refuseRecord(record)
 
     def _handleRequest(self, record) -> None:
         """
