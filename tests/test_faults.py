@@ -327,7 +327,7 @@ class SilentDialbackTests(SynchronousTestCase):
         # The last error says why: the DIALBACK_KEY went unanswered, or the
         # connection it waited on was closed idle.
         self.assertRegex(
-            status["queue.b.test"], "no answer to DIALBACK_KEY|lost before an answer"
+            status["queue.b.test"], "no dial-back from b.test|no answer to DIALBACK_KEY|lost before an answer"
         )
         self.assertLessEqual(len(opened), 12)
         b.protocol = FederationProtocol
