@@ -471,7 +471,6 @@ class _Idle(protocol.Protocol):
         self.transport.setTcpNoDelay(True)
         hello = Hello(versionMin=1, versionMax=1, maxRecord=65536, software="bench")
         self.transport.write(PREAMBLE + encodeRecord(hello))
-        self._seen = b""
 
     def dataReceived(self, data):
         self.greeted = True

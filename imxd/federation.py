@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 
 from imxd.address import AddressError, normaliseDomain
 from imxd.dialback import DialbackError
-from imxd.peer import PeerFactory, PeerProtocol, PeerState, Refused, RemoteError
+from imxd.peer import PeerFactory, PeerProtocol, PeerState, Refused, RemoteError, servingTables
 from imxd.pool import OutboundPool
 from imxd.router import Router, dataPair
 from imxd.config import QueueConfig
@@ -711,22 +711,17 @@ def _dialbackTables():
     The state tables of L{FederationProtocol}: the peer protocol's, with
     dial-back, REDIRECT and Data handled when OPEN.
     """
-    tables = dict(PeerProtocol.stateTables)
-    serving = dict(tables[PeerState.OPEN])
-    serving.update(
-        {
-            DialbackKey: FederationProtocol._handleDialbackKey,
-            DialbackVerify: FederationProtocol._handleDialbackVerify,
-            DialbackSecret: FederationProtocol._handleDialbackSecret,
-            Redirect: FederationProtocol._handleRedirect,
-        }
-    )
+    serving = {
+        DialbackKey: FederationProtocol._handleDialbackKey,
+        DialbackVerify: FederationProtocol._handleDialbackVerify,
+        DialbackSecret: FederationProtocol._handleDialbackSecret,
+        Redirect: FederationProtocol._handleRedirect,
+    }
     for recordType in DATA_TYPES:
         recordClass = RECORD_CLASSES[recordType]
         if not recordClass.ALWAYS_RESPONSE:
             serving[recordClass] = FederationProtocol._handleData
-    tables[PeerState.OPEN] = serving
-    return tables
+    return servingTables(serving)
 
 
 FederationProtocol.stateTables = _dialbackTables()

@@ -37,7 +37,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from imxd.backend.link import SECRET_LENGTHS
-from imxd.peer import PeerFactory, PeerProtocol, PeerSettings, PeerState, Refused, RemoteError
+from imxd.peer import (
+    PeerFactory,
+    PeerProtocol,
+    PeerSettings,
+    PeerState,
+    Refused,
+    RemoteError,
+    servingTables,
+)
 from imxd.presence import formatAttributes, parseAttributes
 from imxd.waiters import Waiters
 from imxd.wire import (
@@ -168,13 +176,9 @@ class LinkClientProtocol(PeerProtocol):
         serve, respond = _SERVED[type(record)]
         try:
             result = serve(self.factory.client.handler, record)
-        except Exception:
-            self.answerRefusal(Failure(), record.tag, type(record))
-            return
-        if isinstance(result, defer.Deferred):
-            self.answer(result.addCallback(respond, record), record)
-            return
-        try:
+            if isinstance(result, defer.Deferred):
+                self.answer(result.addCallback(respond, record), record)
+                return
             response = respond(result, record)
         except Exception:
             self.answerRefusal(Failure(), record.tag, type(record))
@@ -211,17 +215,12 @@ _SERVED = {
 }
 
 
-def _clientTables():
-    tables = dict(PeerProtocol.stateTables)
-    serving = dict(tables[PeerState.OPEN])
-    serving[Attributes] = LinkClientProtocol._handleResponse
-    for recordClass in _SERVED:
-        serving[recordClass] = LinkClientProtocol._handleRequest
-    tables[PeerState.OPEN] = serving
-    return tables
-
-
-LinkClientProtocol.stateTables = _clientTables()
+LinkClientProtocol.stateTables = servingTables(
+    {
+        **{recordClass: LinkClientProtocol._handleRequest for recordClass in _SERVED},
+        Attributes: LinkClientProtocol._handleResponse,
+    }
+)
 
 
 class _LinkClientFactory(PeerFactory):

@@ -56,6 +56,9 @@ from imxd.wire import (
 #: connection's last bytes to drain, before the TCP connection is aborted.
 CLOSE_GRACE = 5.0
 
+#: Seconds a request waits for its answer by default (L{PeerSettings}).
+REQUEST_TIMEOUT = 60.0
+
 #: The most tags one ACK carries: 4000 tags make a 16,006-octet body,
 #: within the smallest MAX_RECORD a peer may announce (16,384).
 ACK_BATCH = 4000
@@ -81,7 +84,7 @@ class PeerSettings:
     hostedDomains: frozenset = frozenset()
     handshakeTimeout: float = 10.0
     keepaliveInterval: float = 60.0
-    requestTimeout: float = 60.0
+    requestTimeout: float = REQUEST_TIMEOUT
     idleTimeout: float = 600.0
     maxRecordSize: int = 65536
     software: str = "imxd"
@@ -1172,6 +1175,19 @@ _STATE_TABLES = {
 
 
 PeerProtocol.stateTables = _STATE_TABLES
+
+
+def servingTables(handlers):
+    """
+    The peer protocol's state tables with more records served when OPEN,
+    for a subclass's C{stateTables}.
+
+    @param handlers: C{{record class: handler}} added to the OPEN table.
+    @return: the new tables.
+    """
+    tables = dict(_STATE_TABLES)
+    tables[PeerState.OPEN] = {**_STATE_TABLES[PeerState.OPEN], **handlers}
+    return tables
 
 
 class PeerFactory(Factory):

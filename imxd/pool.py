@@ -19,7 +19,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from imxd.discovery import DiscoveryError, NoService, Target
-from imxd.peer import Refused, RemoteError
+from imxd.peer import REQUEST_TIMEOUT, Refused, RemoteError
 from imxd.waiters import Waiters
 from imxd.wire import EncodeError, ErrorCode
 
@@ -31,10 +31,6 @@ MAX_REDIRECTS = 3
 #: least L{MIN_REDIRECT_LIFETIME}.
 REDIRECT_LIFETIME = 3600.0
 MIN_REDIRECT_LIFETIME = 60.0
-
-#: Seconds a request (a DIALBACK_KEY or a Data request) may wait for its
-#: answer before it fails as temporary.
-REQUEST_TIMEOUT = 60.0
 
 #: Times a request refused with C{shutting-down} is sent again on another
 #: connection.

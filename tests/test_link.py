@@ -20,7 +20,7 @@ from imxd.backend.link import (
 from imxd.link import LinkClient, LinkHandler
 from imxd.peer import PeerState, Refused
 from imxd.testing import BackendContractMixin, FakeDomainService
-from imxd.wire import ErrorCode, LinkAuth, Message
+from imxd.wire import ErrorCode, LinkAuth
 from tests.linking import (
     SECRET,
     CallableEndpoint,

@@ -24,6 +24,8 @@ __all__ = [
     "backendKinds",
     "lookupBackend",
     "validateBackendOptions",
+    "refuseUnknownOptions",
+    "listenOption",
 ]
 
 class BackendError(Exception):
@@ -141,6 +143,35 @@ def validateBackendOptions(
     if registration is None:
         raise ValueError(_unknownKind(kind))
     return registration.validateOptions(options, baseDirectory)
+
+
+def refuseUnknownOptions(options: Mapping[str, Any], known) -> None:
+    """
+    For option validators: refuse an option the backend does not know.
+
+    @raise ValueError: naming the first unknown option and the known ones.
+    """
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"unknown option {unknown[0]!r} (known: {', '.join(sorted(known))})")
+
+
+def listenOption(options: Mapping[str, Any], default: str) -> str:
+    """
+    For option validators: the C{listen} option, a Twisted server endpoint
+    description (C{default} when absent).
+
+    @raise ValueError: it is not text or not a valid description.
+    """
+    from imxd.config import endpointProblem
+
+    listen = options.get("listen", default)
+    if not isinstance(listen, str) or not listen:
+        raise ValueError("listen: expected a Twisted server endpoint description")
+    problem = endpointProblem(listen)
+    if problem is not None:
+        raise ValueError(f"listen: {problem}")
+    return listen
 
 
 def _unknownKind(kind: str) -> str:

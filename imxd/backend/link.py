@@ -28,9 +28,18 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from imxd.address import AddressError, normaliseDomain
+from imxd.backend import listenOption, refuseUnknownOptions
 from imxd.backend.interfaces import DECISIONS, IBackend
-from imxd.peer import PeerFactory, PeerProtocol, PeerSettings, PeerState, Refused, RemoteError
-from imxd.presence import parseAttributes
+from imxd.peer import (
+    PeerFactory,
+    PeerProtocol,
+    PeerSettings,
+    PeerState,
+    Refused,
+    RemoteError,
+    servingTables,
+)
+from imxd.presence import formatAttributes, parseAttributes
 from imxd.router import domainOf
 from imxd.wire import (
     DATA_TYPES,
@@ -79,18 +88,8 @@ def validateOptions(options: Mapping[str, Any], baseDirectory: str = ".") -> dic
     @return: C{{"listen", "secret"}}, the secret as L{bytes}.
     @raise ValueError: naming the first problem.
     """
-    from imxd.config import endpointProblem
-
-    known = {"listen", "secret", "secret_file"}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ValueError(f"unknown option {unknown[0]!r} (known: {', '.join(sorted(known))})")
-    listen = options.get("listen", DEFAULT_LISTEN)
-    if not isinstance(listen, str) or not listen:
-        raise ValueError("listen: expected a Twisted server endpoint description")
-    problem = endpointProblem(listen)
-    if problem is not None:
-        raise ValueError(f"listen: {problem}")
+    refuseUnknownOptions(options, {"listen", "secret", "secret_file"})
+    listen = listenOption(options, DEFAULT_LISTEN)
     if ("secret" in options) == ("secret_file" in options):
         raise ValueError("give the domain's link secret as secret or as secret_file, once")
     if "secret" in options:
@@ -516,9 +515,7 @@ class LinkServerProtocol(PeerProtocol):
         service = self._serviceFor(record.requester)
         asked = service.remoteAttributes(record.requester, record.target)
         return asked.addCallback(
-            lambda values: Attributes(
-                target=record.target, attributes=tuple(f"{k}={v}" for k, v in sorted(values.items()))
-            )
+            lambda values: Attributes(target=record.target, attributes=formatAttributes(values))
         )
 
 
@@ -539,14 +536,10 @@ def _linkTables():
     The state tables of L{LinkServerProtocol}: the peer protocol's, with
     LINK_AUTH and the backend's requests served when OPEN.
     """
-    tables = dict(PeerProtocol.stateTables)
-    serving = dict(tables[PeerState.OPEN])
+    serving = {recordClass: LinkServerProtocol._handleRequest for recordClass in _REQUESTS}
     serving[LinkAuth] = LinkServerProtocol._handleAuth
     serving[Attributes] = LinkServerProtocol._handleResponse
-    for recordClass in _REQUESTS:
-        serving[recordClass] = LinkServerProtocol._handleRequest
-    tables[PeerState.OPEN] = serving
-    return tables
+    return servingTables(serving)
 
 
 LinkServerProtocol.stateTables = _linkTables()

@@ -43,6 +43,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from imxd.backend import BackendError
+from imxd.backend import refuseUnknownOptions
 from imxd.backend.interfaces import IBackend
 from imxd.peer import Refused
 from imxd.wire import ErrorCode, Message
@@ -71,11 +72,7 @@ def validateOptions(options: Mapping[str, Any], baseDirectory: str = ".") -> dic
     @return: C{{"directory": absolute path, "pollInterval": float}}.
     @raise ValueError: naming the first problem.
     """
-    unknown = sorted(set(options) - {"directory", "poll_interval"})
-    if unknown:
-        raise ValueError(
-            f"unknown option {unknown[0]!r} (known: directory, poll_interval)"
-        )
+    refuseUnknownOptions(options, {"directory", "poll_interval"})
     directory = options.get("directory")
     if not isinstance(directory, str) or not directory:
         raise ValueError("directory: required, a path")

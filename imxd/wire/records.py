@@ -142,7 +142,6 @@ def record(recordType, alwaysResponse=False):
                 specs.append(FieldSpec(attribute.name, *wire))
         cls.FIELDS = tuple(specs)
         cls._NAMES = tuple(attribute.name for attribute in attrs.fields(cls))
-        cls._FIELDS_BY_ID = {spec.field: spec for spec in specs}
         cls._ENCODERS, cls._DECODERS = _codecsOf(specs)
         RECORD_CLASSES[recordType] = cls
         return cls

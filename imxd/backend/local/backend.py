@@ -21,7 +21,7 @@ from zope.interface import implementer
 
 from imxd import content
 from imxd.address import POSTMASTER, Address, AddressError
-from imxd.backend import BackendError
+from imxd.backend import BackendError, listenOption, refuseUnknownOptions
 from imxd.backend.interfaces import IBackend
 from imxd.backend.local.store import AccountError, AccountStore
 from imxd.peer import Refused
@@ -70,21 +70,11 @@ def validateOptions(options: Mapping[str, Any], baseDirectory: str = ".") -> dic
     @return: C{{"database", "listen", "sessionLifetime", "offlineLifetime"}}.
     @raise ValueError: naming the first problem.
     """
-    known = {"database", "listen", *_LIFETIMES}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ValueError(f"unknown option {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    refuseUnknownOptions(options, {"database", "listen", *_LIFETIMES})
     database = options.get("database")
     if not isinstance(database, str) or not database:
         raise ValueError("database: required, the path of the SQLite file")
-    from imxd.config import endpointProblem
-
-    listen = options.get("listen", DEFAULT_LISTEN)
-    if not isinstance(listen, str) or not listen:
-        raise ValueError("listen: expected a Twisted server endpoint description")
-    problem = endpointProblem(listen)
-    if problem is not None:
-        raise ValueError(f"listen: {problem}")
+    listen = listenOption(options, DEFAULT_LISTEN)
     result = {
         "database": os.path.normpath(os.path.join(baseDirectory, database)),
         "listen": listen,
