@@ -85,6 +85,13 @@ class Database:
         """
         return self._db.execute(sql, parameters).fetchall()
 
+    def rows(self, sql, parameters=()):
+        """
+        @return: an iterator over the rows of a query over committed data,
+            fetched as they are used (for reading a whole table at start).
+        """
+        return iter(self._db.execute(sql, parameters))
+
     def write(self, sql, parameters=()):
         """
         Queue one statement for the next grouped commit.

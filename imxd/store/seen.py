@@ -2,7 +2,8 @@
 The dedupe table in SQLite: the MESSAGE_IDs received from each
 authenticated origin domain, kept for the dedupe window so that a message
 sent again after a lost acknowledgement is acknowledged but not delivered
-twice, across restarts too.
+twice, across restarts too.  A L{SeenFilter} in memory answers for the
+ids certainly never received without reading the table.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from zope.interface import implementer
 
 from imxd.store.interfaces import ISeenStore
+from imxd.store.seenfilter import SeenFilter
 
 #: Ids forgotten per pruning at most.
 PRUNE_CHUNK = 20000
@@ -31,16 +33,28 @@ class SeenStore:
     The received message ids kept in a L{imxd.store.Database}.  An id is
     seen once its write is committed; until then the router holds the
     message as being delivered and answers its copies itself.
+
+    @ivar filter: the L{SeenFilter} over the table, filled from it at
+        start.
+    @ivar lookups: ids looked up in the table (the filter could not rule
+        them out).
     """
 
     def __init__(self, database):
         self.database = database
         database.schema(_SCHEMA)
+        self.filter = SeenFilter()
+        self.lookups = 0
+        for origin, messageId, at in database.rows("SELECT origin, id, at FROM seen ORDER BY at"):
+            self.filter.add(origin, messageId, at)
 
     def contains(self, origin, messageId):
         """
         See L{ISeenStore.contains}.
         """
+        if not self.filter.mayContain(origin, messageId):
+            return False
+        self.lookups += 1
         return bool(
             self.database.read(
                 "SELECT 1 FROM seen WHERE origin = ? AND id = ?", (origin, messageId)
@@ -51,6 +65,7 @@ class SeenStore:
         """
         See L{ISeenStore.add}.
         """
+        self.filter.add(origin, messageId, at)
         self.database.write(
             "INSERT OR REPLACE INTO seen (origin, id, at) VALUES (?, ?, ?)",
             (origin, messageId, at),
@@ -66,6 +81,7 @@ class SeenStore:
         )
         if rows:
             self.database.writeMany("DELETE FROM seen WHERE origin = ? AND id = ?", rows)
+        self.filter.forget(before)
         return len(rows)
 
     def committed(self):
