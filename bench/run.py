@@ -370,6 +370,14 @@ def main(argv=None):
         "--only", choices=["fanout", "connections", "subscriptions", "startup"],
         help="run one of the other measurements alone",
     )
+    parser.add_argument(
+        "--scenario", metavar="TEXT",
+        help="run only the message scenarios whose name contains TEXT (for example 'paced 5,000')",
+    )
+    parser.add_argument(
+        "--mode", choices=["plain", "tls"], action="append",
+        help="with --scenario: only this transport (may be given twice; default both)",
+    )
     options = parser.parse_args(argv)
     if options.json is None:
         options.json = os.path.join(HERE, "results-quick.json" if options.quick else "results.json")
@@ -388,7 +396,12 @@ def main(argv=None):
         print(json.dumps(extra), flush=True)
         return 0
     print(HEADER, flush=True)
-    if options.quick:
+    if options.scenario:
+        chosen = [s for s in SCENARIOS if options.scenario in s[0]]
+        if not chosen:
+            parser.error(f"no scenario name contains {options.scenario!r}")
+        results["scenarios"] = messageScenarios(chosen, options.mode or ["plain", "tls"])
+    elif options.quick:
         results["scenarios"] = messageScenarios(QUICK, ["plain"])
     else:
         results["scenarios"] = messageScenarios(SCENARIOS, ["plain", "tls"])

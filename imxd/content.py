@@ -11,12 +11,9 @@ quoted-printable).  Submitted bodies are read with the stdlib header parser.
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
 import re
 
 import attrs
-import nh3
 
 from imxd.address import Address, AddressError
 from imxd.peer import Refused
@@ -69,6 +66,9 @@ def sanitiseHtmlLite(html):
         L{HTML_LITE_TAGS} and L{HTML_LITE_ATTRIBUTES}, links only to
         L{HTML_LITE_SCHEMES}.
     """
+    # Imported here: servers without a client-facing backend never load it.
+    import nh3
+
     return nh3.clean(
         html,
         tags=set(HTML_LITE_TAGS),
@@ -218,6 +218,9 @@ def _headers(head):
         text = head.decode("utf-8")
     except UnicodeDecodeError:
         raise Refused(ErrorCode.INVALID_UTF8, "the headers are not UTF-8") from None
+    import email.parser  # here: parsing happens only at the client edge
+    import email.policy
+
     try:
         return email.parser.HeaderParser(policy=email.policy.compat32).parsestr(
             text + "\r\n\r\n"

@@ -4,6 +4,10 @@ Tests for the backend registry, L{imxd.backend}, and the C{memory} backend.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -46,6 +50,26 @@ class RegistryTests(SynchronousTestCase):
         registration = lookupBackend("memory")
         self.assertEqual(registration.kind, "memory")
         self.assertEqual(registration.factory, MemoryBackend.fromConfig)
+
+    def test_localLoadedOnlyWhenUsed(self) -> None:
+        """
+        A server without a C{local} domain never loads its web stack and
+        HTML sanitiser; validating C{local} options loads it then.
+        """
+        script = (
+            "import sys, imxd.tap, imxd.federation\n"
+            "heavy = ('imxd.backend.local', 'twisted.web', 'nh3')\n"
+            "print(sorted({m for m in sys.modules if m.startswith(heavy)}))\n"
+            "from imxd.backend import validateBackendOptions\n"
+            "try:\n    validateBackendOptions('local', {})\nexcept ValueError:\n    pass\n"
+            "print('imxd.backend.local.backend' in sys.modules)\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout.split("\n")[:2], ["[]", "True"])
 
     def test_register(self) -> None:
         """

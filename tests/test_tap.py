@@ -4,6 +4,7 @@ Tests for L{imxd.tap}, L{imxd.aggregator} and the twistd dropin.
 
 from __future__ import annotations
 
+import gc
 import os
 import stat
 
@@ -20,7 +21,7 @@ from imxd.backend.memory import MemoryBackend
 from imxd.peer import PeerFactory, PeerSettings
 from imxd.admin import AdminFactory
 from imxd.federation import Federation
-from imxd.tap import Options, makeService, socketPath
+from imxd.tap import GC_THRESHOLDS, Options, makeService, settleGarbageCollector, socketPath
 
 CONFIG = """\
 [server]
@@ -140,6 +141,22 @@ class MakeServiceTests(TapTestsMixin, SynchronousTestCase):
         super().setUp()
         self.reactor = MemoryReactorClock()
         self.service = makeService(self.options(), self.reactor)
+
+    def test_garbageCollectorSettledOnceRunning(self) -> None:
+        """
+        Once the reactor runs, the objects made at start are frozen out of
+        the garbage collector's scans and its young generation is
+        collected less often.
+        """
+        self.assertIn(
+            (settleGarbageCollector, (), {}), self.reactor.whenRunningHooks
+        )
+        before = gc.get_threshold()
+        self.addCleanup(gc.set_threshold, *before)
+        self.addCleanup(gc.unfreeze)
+        settleGarbageCollector()
+        self.assertEqual(gc.get_threshold(), GC_THRESHOLDS)
+        self.assertGreater(gc.get_freeze_count(), 0)
 
     def test_aggregator(self) -> None:
         """

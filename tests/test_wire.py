@@ -44,6 +44,7 @@ from imxd.wire import (
 from imxd.wire.constants import FIELD_KINDS, FIELD_LENGTHS, FIELD_MUST_UNDERSTAND
 from imxd.wire.fields import FIELD_HEADER, iterateFields
 from imxd.wire.framing import HEADER_SIZE, Frame, encodeFrame
+from imxd.wire.records import withTag
 from imxd.wire.vectors import VECTORS, vectorHexLines
 
 #: The normative specification, which holds the vectors.
@@ -427,6 +428,77 @@ class RoundTripTests(SynchronousTestCase):
                 )
                 self.assertEqual(e.code, ErrorCode.MALFORMED, label)
                 self.assertEqual(e.tag, base.tag, label)
+
+
+class EncodedOnceTests(SynchronousTestCase):
+    """
+    A record keeps its encoded body: one decoded is sent on as it came,
+    one built is encoded once however often it is sent.
+    """
+
+    def reordered(self):
+        """
+        @return: the MESSAGE vector and a frame of it with its fields in
+            reverse order.
+        """
+        record = VECTOR_BY_CLASS[Message]
+        body = bodyOf(record)
+        fields = []
+        offset = 0
+        while offset < len(body):
+            _ident, length = FIELD_HEADER.unpack_from(body, offset)
+            end = offset + FIELD_HEADER.size + length
+            fields.append(body[offset:end])
+            offset = end
+        return record, withBody(record, b"".join(reversed(fields)))
+
+    def test_decodedSentAsItCame(self):
+        """
+        A decoded record encodes to the body it was decoded from, under any
+        tag, and still equals the record its values make.
+        """
+        record, frame = self.reordered()
+        decoded = decodeRecord(frame)
+        self.assertEqual(decoded, record)
+        self.assertEqual(encodeRecord(decoded)[HEADER_SIZE:], frame.body)
+        self.assertEqual(encodeRecord(decoded, tag=99), encodeFrame(Message.TYPE, frame.flags, 99, frame.body))
+        copy = withTag(decoded, 7)
+        self.assertEqual(encodeRecord(copy), encodeFrame(Message.TYPE, frame.flags, 7, frame.body))
+
+    def test_changedCopyEncodedAgain(self):
+        """
+        A copy with other values (C{attrs.evolve}) is encoded from its
+        values, not from the body of the original.
+        """
+        record, frame = self.reordered()
+        changed = attrs.evolve(decodeRecord(frame), body=b"other")
+        self.assertEqual(roundTrip(changed).body, b"other")
+        self.assertEqual(encodeRecord(changed), encodeRecord(attrs.evolve(record, body=b"other")))
+
+    def test_unknownFieldNotForwarded(self):
+        """
+        A record that arrived with a field this version skips is encoded
+        from its values, without that field.
+        """
+        record = VECTOR_BY_CLASS[Message]
+        extra = field(0x7ABC, b"whatever")
+        decoded = decodeRecord(withBody(record, bodyOf(record) + extra))
+        self.assertNotIn(extra, encodeRecord(decoded))
+        self.assertEqual(encodeRecord(decoded), encodeRecord(record))
+
+    def test_builtEncodedOnce(self):
+        """
+        A record built from values is encoded the first time it is sent
+        and keeps those bytes.
+        """
+        record = Message(
+            tag=3, messageId="x-1", sender="a@a.test", recipient="b@b.test",
+            contentType="text/plain", body=b"hi",
+        )
+        first = encodeRecord(record)
+        self.assertIsNone(attrs.evolve(record)._wire)
+        self.assertEqual(record._wire, first[HEADER_SIZE:])
+        self.assertEqual(encodeRecord(record), first)
 
 
 class DecodeTests(SynchronousTestCase):

@@ -12,6 +12,7 @@ Kinds shipped with imxd are registered when this package is imported.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import attrs
@@ -179,17 +180,34 @@ def _unknownKind(kind: str) -> str:
     return f"unknown backend kind {kind!r} (known: {known})"
 
 
+def _imported(module: str, name: str) -> Callable[..., Any]:
+    """
+    @return: a callable that imports C{module} the first time it is
+        called and then calls C{module.name} (dotted names allowed), so
+        that a kind's code (the C{local} backend's web stack, for one) is
+        loaded only by servers that host a domain of that kind.
+    """
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        target: Any = importlib.import_module(module)
+        for part in name.split("."):
+            target = getattr(target, part)
+        return target(*args, **kwargs)
+
+    call.__qualname__ = call.__name__ = f"{module}.{name}"
+    return call
+
+
 def _registerBuiltins() -> None:
     from imxd.backend import link, memory, spool
-    from imxd.backend.local import api, backend
 
     registerBackend("memory", memory.MemoryBackend.fromConfig, memory.validateOptions)
     registerBackend("spool", spool.SpoolBackend.fromConfig, spool.validateOptions)
     registerBackend(
         "local",
-        backend.LocalBackend.fromConfig,
-        backend.validateOptions,
-        api.clientAPIServices,
+        _imported("imxd.backend.local.backend", "LocalBackend.fromConfig"),
+        _imported("imxd.backend.local.backend", "validateOptions"),
+        _imported("imxd.backend.local.api", "clientAPIServices"),
     )
     registerBackend(
         "link", link.LinkBackend.fromConfig, link.validateOptions, link.linkServices

@@ -73,6 +73,10 @@ class Record:
     @ivar tag: 0, or the request's tag (on a request and its response).
     @ivar response: whether the RESPONSE flag is set.
     @ivar mustUnderstand: whether the MUST_UNDERSTAND flag is set.
+    @ivar _wire: the encoded body, once the record was decoded from it or
+        encoded (a record is immutable, so its body is encoded once however
+        often it is sent or stored); L{None} before.  Copies made with
+        L{withTag} share it; C{attrs.evolve} drops it.
     """
 
     TYPE = None
@@ -82,6 +86,7 @@ class Record:
     tag: int = 0
     response: bool = False
     mustUnderstand: bool = False
+    _wire: bytes | None = attrs.field(default=None, init=False, eq=False, repr=False)
 
     def __attrs_post_init__(self):
         if self.ALWAYS_RESPONSE and not self.response:
@@ -560,7 +565,11 @@ def encodeRecord(record, tag=None):
         if not 0 <= record.type <= 0xFFFF:
             raise EncodeError(f"record type {record.type!r} is not a u16")
         return encodeFrame(record.type, flags, tag, record.body)
-    return encodeFrame(record.TYPE, flags, tag, encodeBody(record))
+    body = record._wire
+    if body is None:
+        body = encodeBody(record)
+        _set(record, "_wire", body)
+    return encodeFrame(record.TYPE, flags, tag, body)
 
 
 def withTag(record, tag):
@@ -607,6 +616,7 @@ def decodeRecord(frame):
         )
     byId = cls._DECODERS
     values = {}
+    unknown = False
     offset = 0
     end = len(body)
     unpack = FIELD_HEADER.unpack_from
@@ -631,6 +641,7 @@ def decodeRecord(frame):
                     f"0x{identifier:04x}",
                     tag,
                 )
+            unknown = True
             continue
         name, decode, low, high, repeated, spec = decoder
         if not low <= length <= high:
@@ -658,12 +669,15 @@ def decodeRecord(frame):
                 f"0x{spec.field:04x} ({spec.field.name})",
                 tag,
             )
-    return cls(
+    decoded = cls(
         tag=tag,
         response=response or cls.ALWAYS_RESPONSE,
         mustUnderstand=mustUnderstand,
         **values,
     )
+    if not unknown:
+        _set(decoded, "_wire", body)
+    return decoded
 
 
 def decodeRecords(data, maxRecordSize, expectPreamble=False):
