@@ -57,7 +57,7 @@ def decodeValue(kind, raw, identifier, tag=0):
     @raise InvalidUTF8: a text value is not UTF-8 or contains U+0000.
     """
     if kind is FieldKind.STRING:
-        if b"\x00" in raw:
+        if 0 in raw:  # an int: bytes.__contains__ with bytes formats and drops a TypeError first
             raise InvalidUTF8(f"field 0x{identifier:04x} contains U+0000", tag)
         try:
             return raw.decode("utf-8")
@@ -138,7 +138,7 @@ def _encodeString(value):
 
 
 def _decodeString(raw):
-    if b"\x00" in raw:
+    if 0 in raw:  # the octet 0 (an int is far cheaper to look for than b"\x00")
         raise ValueError
     return raw.decode("utf-8")
 

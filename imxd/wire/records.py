@@ -148,6 +148,12 @@ def record(recordType, alwaysResponse=False):
         cls.FIELDS = tuple(specs)
         cls._NAMES = tuple(attribute.name for attribute in attrs.fields(cls))
         cls._ENCODERS, cls._DECODERS = _codecsOf(specs)
+        cls._DEFAULTS = {
+            attribute.name: attribute.default
+            for attribute in attrs.fields(cls)
+            if attribute.default is not attrs.NOTHING
+        }
+        cls._REQUIRED = tuple(spec for spec in specs if spec.required)
         RECORD_CLASSES[recordType] = cls
         return cls
 
@@ -616,6 +622,7 @@ def decodeRecord(frame):
         )
     byId = cls._DECODERS
     values = {}
+    repeatedNames = None
     unknown = False
     offset = 0
     end = len(body)
@@ -624,59 +631,74 @@ def decodeRecord(frame):
         if end - offset < 6:
             raise MalformedRecord(f"{end - offset} stray bytes at the end of the record body", tag)
         identifier, length = unpack(body, offset)
-        offset += 6
-        if length > end - offset:
+        start = offset + 6
+        offset = start + length
+        if offset > end:
             raise MalformedRecord(
                 f"field 0x{identifier:04x} announces {length} bytes but only "
-                f"{end - offset} remain in the record",
+                f"{end - start} remain in the record",
                 tag,
             )
-        raw = body[offset : offset + length]
-        offset += length
-        decoder = byId.get(identifier & 0x7FFF)
+        decoder = byId.get(identifier)
         if decoder is None:
-            if isMustUnderstand(identifier):
-                raise MustUnderstand(
-                    f"{cls.__name__} carries unknown must-understand field "
-                    f"0x{identifier:04x}",
-                    tag,
-                )
-            unknown = True
-            continue
+            decoder = byId.get(identifier & 0x7FFF)
+            if decoder is None:
+                if isMustUnderstand(identifier):
+                    raise MustUnderstand(
+                        f"{cls.__name__} carries unknown must-understand field "
+                        f"0x{identifier:04x}",
+                        tag,
+                    )
+                unknown = True
+                continue
         name, decode, low, high, repeated, spec = decoder
-        if not low <= length <= high:
+        if length < low or length > high:
             raise MalformedRecord(
                 f"{cls.__name__} field {spec.field.name} has {length} octets; "
                 f"{low} to {high} are allowed",
                 tag,
             )
+        raw = body[start:offset]
         try:
             value = decode(raw)
         except Exception:
             value = decodeValue(spec.kind, raw, identifier, tag)
         if repeated:
-            values.setdefault(name, []).append(value)
+            if repeatedNames is None:
+                repeatedNames = set()
+            if name in repeatedNames:
+                values[name].append(value)
+            else:
+                repeatedNames.add(name)
+                values[name] = [value]
         elif name in values:
             raise MalformedRecord(
                 f"{cls.__name__} repeats field 0x{spec.field:04x}", tag
             )
         else:
             values[name] = value
-    for spec in cls.FIELDS:
-        if spec.required and spec.attribute not in values:
+    for spec in cls._REQUIRED:
+        if spec.attribute not in values:
             raise MalformedRecord(
                 f"{cls.__name__} lacks required field "
                 f"0x{spec.field:04x} ({spec.field.name})",
                 tag,
             )
-    decoded = cls(
-        tag=tag,
-        response=response or cls.ALWAYS_RESPONSE,
-        mustUnderstand=mustUnderstand,
-        **values,
-    )
+    if repeatedNames is not None:
+        for name in repeatedNames:
+            values[name] = tuple(values[name])
+    # Built without running the attrs constructor: the values were checked
+    # above, and only the defaults and the header remain to be filled in.
+    filled = cls._DEFAULTS.copy()
+    filled.update(values)
+    filled["tag"] = tag
+    filled["response"] = response or cls.ALWAYS_RESPONSE
+    filled["mustUnderstand"] = mustUnderstand
     if not unknown:
-        _set(decoded, "_wire", body)
+        filled["_wire"] = body
+    decoded = _new(cls)
+    for name, value in filled.items():
+        _set(decoded, name, value)
     return decoded
 
 
