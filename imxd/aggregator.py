@@ -237,9 +237,6 @@ class Aggregator(service.MultiService):
         if self.federation is not None:
             self.federation.start()
         super().startService()
-        import os, gc
-        if os.environ.get("IMXD_GC"):
-            gc.collect(); gc.freeze(); gc.set_threshold(*map(int, os.environ["IMXD_GC"].split(",")))
 
     def stopService(self):
         """
