@@ -22,6 +22,7 @@ from twisted.internet import defer, protocol, task  # noqa: E402
 
 from imxd.link import LinkClient, LinkHandler  # noqa: E402
 from imxd.peer import Refused  # noqa: E402
+from imxd.tap import settleGarbageCollector  # noqa: E402
 from imxd.wire import PREAMBLE, Hello, Message, encodeRecord  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -201,6 +202,8 @@ class Run:
         self.latencies = []
         self.receivedIds = set()
         self.sentAt = {}
+        # As imxd does once it runs (imxd.tap.settleGarbageCollector).
+        settleGarbageCollector()
 
     def figures(self, before, after, messages, elapsed):
         """

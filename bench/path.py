@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from imxd.config import LimitsConfig  # noqa: E402
 from imxd.store import Database  # noqa: E402
+from imxd.tap import settleGarbageCollector  # noqa: E402
 from tests.linking import RecordingHandler  # noqa: E402
 from tests.network import Network, linkClient, linkTable, message  # noqa: E402
 
@@ -81,8 +82,9 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="imxd-path-") as directory:
         network, client, alice, bob = route(directory)
         run(network, client, 2 * options.batch, options.batch, start=-2 * options.batch)
-        gc.collect()
-        gc.freeze()
+        settleGarbageCollector()
+        if os.environ.get("PATH_GC"):
+            gc.set_threshold(*map(int, os.environ["PATH_GC"].split(",")))
         profile = cProfile.Profile() if options.profile else None
         costs = []
         for round_ in range(options.repeat):

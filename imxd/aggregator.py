@@ -118,12 +118,20 @@ class VirtualDomain(service.Service):
         Tell the backend what became of a message it sent (L{None}:
         delivered); a backend that fails to take the report is logged.
         """
-        maybeDeferred(self.backend.deliveryReport, message, refusal).addErrback(
-            lambda failure: self._log.failure(
-                "{domain}: the backend failed to take a delivery report",
-                failure,
-                domain=self.name,
-            )
+        try:
+            taken = self.backend.deliveryReport(message, refusal)
+        except Exception:
+            taken = fail()
+        # Most backends take a report at once and return None: no Deferred
+        # is made for them (one report per message sent).
+        if isinstance(taken, Deferred):
+            taken.addErrback(self._reportNotTaken)
+
+    def _reportNotTaken(self, failure) -> None:
+        self._log.failure(
+            "{domain}: the backend failed to take a delivery report",
+            failure,
+            domain=self.name,
         )
 
     def subscribe(self, subscriber: str, publisher: str) -> Deferred:

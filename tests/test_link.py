@@ -12,6 +12,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from imxd.backend.link import (
+    ENVELOPE_ROOM,
     MAX_AUTH_FAILURES,
     LinkBackend,
     LinkFactory,
@@ -20,7 +21,7 @@ from imxd.backend.link import (
 from imxd.link import LinkClient, LinkHandler
 from imxd.peer import PeerState, Refused
 from imxd.testing import BackendContractMixin, FakeDomainService
-from imxd.wire import ErrorCode, LinkAuth
+from imxd.wire import EncodeError, ErrorCode, LinkAuth
 from tests.linking import (
     SECRET,
     CallableEndpoint,
@@ -174,6 +175,27 @@ class ServerSideTests(SynchronousTestCase):
         self.assertEqual(type(answer).__name__, "Ack")
         [(method, (sent,))] = self.service.calls
         self.assertEqual((method, sent.messageId, sent.tag), ("sendMessage", "m-1", 0))
+
+    def test_recordSizeFollowsMessageSize(self):
+        """
+        The link listener takes records large enough for the largest
+        message its domains accept (C{max_message_size}) with its
+        envelope; at the default size it refuses what is larger.
+        """
+        big = LinkBackend("big.test", "tcp:5280", SECRET, maxMessageSize=1_000_000)
+        big.start(FakeDomainService("big.test"))
+        raw = Raw(self, [big])
+        self.assertEqual(raw.protocol.sendLimit, 1_000_000 + ENVELOPE_ROOM)
+        raw.ask(LinkAuth(domain="big.test", secret=SECRET))
+        body = b"x" * 900_000
+        answer = raw.ask(message("alice@big.test", "bob@c.test", "m-1", body=body))
+        self.assertEqual(type(answer).__name__, "Ack")
+        [(_method, (sent,))] = big.service.calls
+        self.assertEqual(sent.body, body)
+        self.assertEqual(self.raw.protocol.sendLimit, 32768 + ENVELOPE_ROOM)
+        self.assertRaises(
+            EncodeError, self.raw.protocol.request, message("alice@a.test", "bob@c.test", "m-2", body=body)
+        )
 
     def test_unlinked(self):
         """

@@ -241,6 +241,30 @@ class ReportTests(NetworkMixin, SynchronousTestCase):
         self.assertEqual(backendOf(self.a, "a.test").reports, [(record, None)])
         self.assertEqual(backendOf(self.b, "b.test").messages, [record])
 
+    def test_reportNotTaken(self):
+        """
+        A backend that raises on a delivery report, or fails the Deferred
+        it returns, has the failure logged; the message still leaves the
+        queue, and the next report is given as usual.
+        """
+        self.startB()
+        backend = backendOf(self.a, "a.test")
+        taken = backend.deliveryReport
+        answers = [lambda: fail(KeyError("gone")), lambda: 1 / 0]
+
+        def deliveryReport(record, refusal):
+            if answers:
+                return answers.pop()()
+            return taken(record, refusal)
+
+        backend.deliveryReport = deliveryReport
+        for n in range(3):
+            self.successResultOf(self.send(message("alice@a.test", "bob@b.test", f"m{n}")))
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)
+        self.assertEqual([r.messageId for r, _ in backend.reports], ["m2"])
+        self.assertEqual(rows(self.a), [])
+
     def test_refusedPermanently(self):
         """
         A permanent refusal by the receiver is reported with its code and

@@ -144,15 +144,25 @@ class LinkBackend:
         for a link.
     @ivar heldDropped: held records dropped because more than L{MAX_HELD}
         waited.
+    @ivar maxMessageSize: the domain's C{max_message_size}: the link
+        listener takes records large enough for such a message.
     """
 
     log = Logger()
 
-    def __init__(self, domain: str, listen: str, secret: bytes, maxHeld: int = MAX_HELD):
+    def __init__(
+        self,
+        domain: str,
+        listen: str,
+        secret: bytes,
+        maxHeld: int = MAX_HELD,
+        maxMessageSize: int = 32768,
+    ):
         self.domain = domain
         self.listen = listen
         self._secret = secret
         self.maxHeld = maxHeld
+        self.maxMessageSize = maxMessageSize
         self.connection = None
         self.service = None
         self.held: collections.deque = collections.deque()
@@ -166,7 +176,12 @@ class LinkBackend:
         Build the backend of a hosted domain from its validated options.
         """
         options = domainConfig.backendOptions
-        return cls(domainConfig.name, options["listen"], options["secret"])
+        return cls(
+            domainConfig.name,
+            options["listen"],
+            options["secret"],
+            maxMessageSize=domainConfig.maxMessageSize,
+        )
 
     # -- the link ---------------------------------------------------------------
 
@@ -554,12 +569,15 @@ class LinkFactory(PeerFactory):
 
     protocol = LinkServerProtocol
 
-    def __init__(self, clock, backends, maxRecordSize=65536):
+    def __init__(self, clock, backends, maxRecordSize=None):
         """
         @param clock: an L{IReactorTime} provider.
         @param backends: the L{LinkBackend}s served on this listener.
-        @param maxRecordSize: the largest record body accepted.
+        @param maxRecordSize: the largest record body accepted; by default
+            L{linkRecordSize} of the backends.
         """
+        if maxRecordSize is None:
+            maxRecordSize = linkRecordSize(backends)
         settings = PeerSettings(
             hostedDomains=frozenset(backend.domain for backend in backends),
             idleTimeout=0,
@@ -568,6 +586,20 @@ class LinkFactory(PeerFactory):
         )
         super().__init__(clock, settings, capabilities=("link",))
         self.backends = {backend.domain: backend for backend in backends}
+
+
+#: Octets a link record may hold besides the message body (addresses, id,
+#: content type, attributes).
+ENVELOPE_ROOM = 65536
+
+
+def linkRecordSize(backends):
+    """
+    @return: the MAX_RECORD a link listener announces: room for the largest
+        message any of its domains accepts (C{max_message_size}) and its
+        envelope.
+    """
+    return max((backend.maxMessageSize for backend in backends), default=0) + ENVELOPE_ROOM
 
 
 def linkServices(backends, reactor):
