@@ -11,7 +11,6 @@ time goes.
 
 import argparse
 import cProfile
-import gc
 import os
 import pstats
 import sys
@@ -58,7 +57,7 @@ def route(directory):
         servers.append(network.server(host, [table], database=database, limits=limits))
     alice, bob = Receiver(), Receiver()
     clientA = linkClient(network, servers[0], ["a.test"], alice, {"a.test": SECRET})
-    clientB = linkClient(network, servers[1], ["b.test"], bob, {"b.test": SECRET})
+    linkClient(network, servers[1], ["b.test"], bob, {"b.test": SECRET})
     return network, clientA, alice, bob
 
 
@@ -83,8 +82,6 @@ def main(argv=None):
         network, client, alice, bob = route(directory)
         run(network, client, 2 * options.batch, options.batch, start=-2 * options.batch)
         settleGarbageCollector()
-        if os.environ.get("PATH_GC"):
-            gc.set_threshold(*map(int, os.environ["PATH_GC"].split(",")))
         profile = cProfile.Profile() if options.profile else None
         costs = []
         for round_ in range(options.repeat):

@@ -131,6 +131,21 @@ def withBody(record, body):
     return Frame(record.TYPE, int(record.flags), record.tag, body)
 
 
+def reversedFields(record):
+    """
+    @return: a L{Frame} of C{record} with its fields in reverse order.
+    """
+    body = bodyOf(record)
+    fields = []
+    offset = 0
+    while offset < len(body):
+        _ident, length = FIELD_HEADER.unpack_from(body, offset)
+        end = offset + FIELD_HEADER.size + length
+        fields.append(body[offset:end])
+        offset = end
+    return withBody(record, b"".join(reversed(fields)))
+
+
 def removeField(body, identifier):
     """
     @return: C{body} without the fields numbered C{identifier}.
@@ -381,15 +396,7 @@ class RoundTripTests(SynchronousTestCase):
         Fields may arrive in any order.
         """
         record = VECTOR_BY_CLASS[Message]
-        body = bodyOf(record)
-        fields = []
-        offset = 0
-        while offset < len(body):
-            _ident, length = FIELD_HEADER.unpack_from(body, offset)
-            end = offset + FIELD_HEADER.size + length
-            fields.append(body[offset:end])
-            offset = end
-        self.assertEqual(decodeRecord(withBody(record, b"".join(reversed(fields)))), record)
+        self.assertEqual(decodeRecord(reversedFields(record)), record)
 
     def test_lengthBounds(self):
         """
@@ -442,15 +449,7 @@ class EncodedOnceTests(SynchronousTestCase):
             reverse order.
         """
         record = VECTOR_BY_CLASS[Message]
-        body = bodyOf(record)
-        fields = []
-        offset = 0
-        while offset < len(body):
-            _ident, length = FIELD_HEADER.unpack_from(body, offset)
-            end = offset + FIELD_HEADER.size + length
-            fields.append(body[offset:end])
-            offset = end
-        return record, withBody(record, b"".join(reversed(fields)))
+        return record, reversedFields(record)
 
     def test_decodedSentAsItCame(self):
         """

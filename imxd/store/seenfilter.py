@@ -129,9 +129,3 @@ class SeenFilter:
         @return: how many Bloom filters the chain holds.
         """
         return len(self._generations)
-
-    def memory(self):
-        """
-        @return: octets of filter bits held.
-        """
-        return sum(len(g.bits) for g in self._generations)

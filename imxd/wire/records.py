@@ -622,7 +622,7 @@ def decodeRecord(frame):
         )
     byId = cls._DECODERS
     values = {}
-    repeatedNames = None
+    repeatedValues = None
     unknown = False
     offset = 0
     end = len(body)
@@ -664,19 +664,18 @@ def decodeRecord(frame):
         except Exception:
             value = decodeValue(spec.kind, raw, identifier, tag)
         if repeated:
-            if repeatedNames is None:
-                repeatedNames = set()
-            if name in repeatedNames:
-                values[name].append(value)
-            else:
-                repeatedNames.add(name)
-                values[name] = [value]
+            if repeatedValues is None:
+                repeatedValues = {}
+            repeatedValues.setdefault(name, []).append(value)
         elif name in values:
             raise MalformedRecord(
                 f"{cls.__name__} repeats field 0x{spec.field:04x}", tag
             )
         else:
             values[name] = value
+    if repeatedValues is not None:
+        for name, items in repeatedValues.items():
+            values[name] = tuple(items)
     for spec in cls._REQUIRED:
         if spec.attribute not in values:
             raise MalformedRecord(
@@ -684,9 +683,6 @@ def decodeRecord(frame):
                 f"0x{spec.field:04x} ({spec.field.name})",
                 tag,
             )
-    if repeatedNames is not None:
-        for name in repeatedNames:
-            values[name] = tuple(values[name])
     # Built without running the attrs constructor: the values were checked
     # above, and only the defaults and the header remain to be filled in.
     filled = cls._DEFAULTS.copy()
