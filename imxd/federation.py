@@ -799,7 +799,7 @@ class Federation(PeerFactory):
             limits.maxRequestsInProgress,
         )
         self.outbox = Outbox(
-            OutboundStore(self.database), clock, self.router.transmit, self._report, queue
+            OutboundStore(self.database), clock, self.router.transmitThen, self._report, queue
         )
         self.router.outbox = self.outbox
         self.domainRate = RateLimiter(

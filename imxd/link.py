@@ -366,9 +366,7 @@ class LinkClient(service.Service):
         return deferred
 
     def _transmit(self, key):
-        connection = self.connection
-        sent = connection.request(self.outstanding[key][0])
-        sent.addCallbacks(self._answered, self._failed, (key,), None, (key,))
+        self.connection.requestThen(self.outstanding[key][0], self._answered, self._failed, key)
 
     def _answered(self, answer, key):
         entry = self.outstanding.pop(key, None)

@@ -33,6 +33,7 @@ import random
 import attrs
 from twisted.internet import defer, task
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from imxd.peer import Refused, RemoteError
 from imxd.wire import ErrorCode
@@ -119,9 +120,11 @@ class Outbox:
         """
         @param store: an L{imxd.store.interfaces.IOutboundStore}.
         @param clock: an L{IReactorTime} provider.
-        @param transmit: C{transmit(origin, remote, record)} returning a
-            L{Deferred} that fires when the receiver acknowledged the
-            record, or fails with L{Refused}.
+        @param transmit: C{transmit(origin, remote, record, onAnswer,
+            onFailure, *args)}, which calls C{onAnswer(answer, *args)} once
+            the receiver acknowledged the record or C{onFailure(failure,
+            *args)} (a L{Refused}), once, now or later
+            (L{imxd.router.Router.transmitThen}).
         @param report: C{report(entry, refusal)} telling the sending
             domain's backend the outcome (C{refusal} L{None}: delivered).
         @param settings: the L{imxd.config.QueueConfig}.
@@ -237,8 +240,12 @@ class Outbox:
             while queue.waiting and queue.retryAt is None and len(queue.inFlight) < queue.window:
                 entry = queue.waiting.popleft()
                 queue.inFlight[entry.seq] = entry
-                sent = defer.maybeDeferred(self.transmit, entry.origin, entry.remote, entry.record)
-                sent.addCallbacks(self._delivered, self._failed, (entry,), None, (entry,))
+                try:
+                    self.transmit(
+                        entry.origin, entry.remote, entry.record, self._delivered, self._failed, entry
+                    )
+                except Exception:
+                    self._failed(Failure(), entry)
         finally:
             queue.pumping = False
         if not queue.depth() and queue.timer is None and self.queues.get(queue.remote) is queue:
@@ -292,7 +299,7 @@ class Outbox:
         """
         self.store.remove(entry.seq)
         self.depth -= 1
-        self.store.committed().addBoth(self._report, entry, refusal)
+        self.store.whenCommitted(self._report, self._report, entry, refusal)
 
     def _report(self, _, entry, refusal):
         try:

@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from imxd.address import AddressError, normaliseDomain
+from imxd.callbacks import Callbacks
 from imxd.tls import describe
 from imxd.wire import (
     DATA_TYPES,
@@ -399,8 +400,8 @@ class PeerProtocol(Protocol):
         pending, self._pending = self._pending, {}
         if self._requestTimer is not None and self._requestTimer.active():
             self._requestTimer.cancel()
-        for deferred, _sentAt, _record in pending.values():
-            deferred.errback(reason)
+        for waiting, _sentAt, _record in pending.values():
+            waiting.errback(reason)
         self.factory.connectionClosed(self)
 
     def lostFailure(self, reason):
@@ -927,8 +928,27 @@ class PeerProtocol(Protocol):
         """
         tag = self._nextTag()
         deferred = defer.Deferred(lambda cancelled: self._pending.pop(tag, None))
+        self._sendRequest(tag, deferred, record)
+        return deferred
+
+    def requestThen(self, record, onAnswer, onFailure, *args):
+        """
+        Send a request with a fresh tag, and call C{onAnswer(answer, *args)}
+        or C{onFailure(failure, *args)} when its outcome is known, as
+        L{request}'s L{Deferred} would fire, without making one (the
+        per-message path; L{imxd.callbacks}).
+
+        @raise EncodeError: the record cannot be sent; neither is called.
+        """
+        self._sendRequest(self._nextTag(), Callbacks(onAnswer, onFailure, args), record)
+
+    def _sendRequest(self, tag, waiting, record):
+        """
+        Remember who waits for C{tag}'s answer, send the request, and make
+        sure it times out.
+        """
         # Known before it is written: a synchronous transport may answer at once.
-        self._pending[tag] = (deferred, self.clock.seconds(), record)
+        self._pending[tag] = (waiting, self.clock.seconds(), record)
         try:
             self.sendRecord(record, tag)
         except EncodeError:
@@ -938,7 +958,6 @@ class PeerProtocol(Protocol):
             self._requestTimer = self.clock.callLater(
                 self.settings.requestTimeout, self._expireRequests
             )
-        return deferred
 
     def _expireRequests(self):
         """
@@ -949,7 +968,7 @@ class PeerProtocol(Protocol):
         timeout = self.settings.requestTimeout
         now = self.clock.seconds()
         expired = []
-        for tag, (_deferred, sentAt, _record) in self._pending.items():
+        for tag, (_waiting, sentAt, _record) in self._pending.items():
             if sentAt + timeout > now:
                 break
             expired.append(tag)

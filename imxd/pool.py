@@ -17,6 +17,7 @@ from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from imxd.discovery import DiscoveryError, NoService, Target
 from imxd.peer import REQUEST_TIMEOUT, Refused, RemoteError
@@ -344,6 +345,19 @@ class OutboundPool:
         """
         return self._send(pair, record, 1)
 
+    def sendThen(self, pair, record, onAnswer, onFailure, *args):
+        """
+        L{send}, calling C{onAnswer(answer, *args)} or C{onFailure(failure,
+        *args)} instead of returning a L{Deferred}: on a connection where
+        the pair is already authenticated (the usual case once traffic
+        flows), no L{Deferred} is made (the per-message path).
+        """
+        ready = self._ready(pair)
+        if ready is None:
+            self._connectAndSend(pair, record, 1).addCallbacks(onAnswer, onFailure, args, None, args)
+        else:
+            self._requestThen(ready, pair, record, 1, onAnswer, onFailure, args)
+
     def _send(self, pair, record, attempt):
         ready = self._ready(pair)
         if ready is None:
@@ -391,37 +405,59 @@ class OutboundPool:
     def _request(self, protocol, pair, record, attempt):
         """
         Send the request on C{protocol} and translate what can go wrong.
+
+        @return: a L{Deferred} of the answer.
+        """
+        answered = defer.Deferred()
+        self._requestThen(protocol, pair, record, attempt, answered.callback, answered.errback, ())
+        return answered
+
+    def _requestThen(self, protocol, pair, record, attempt, onAnswer, onFailure, args):
+        """
+        Send the request on C{protocol}, then tell C{onAnswer} or
+        C{onFailure} (with C{args}) its answer or what went wrong.
         """
         try:
-            sent = protocol.request(record)
+            protocol.requestThen(
+                record,
+                self._answered,
+                self._unanswered,
+                protocol,
+                pair,
+                record,
+                attempt,
+                onAnswer,
+                onFailure,
+                args,
+            )
         except EncodeError as e:
-            return defer.fail(Refused(ErrorCode.MALFORMED, f"cannot send: {e}"))
+            onFailure(Failure(Refused(ErrorCode.MALFORMED, f"cannot send: {e}")), *args)
+            return
         protocol.noteActivity()
-        return sent.addCallbacks(
-            _answered, self._unanswered, (protocol,), None, (protocol, pair, record, attempt)
-        )
 
-    def _unanswered(self, failure, protocol, pair, record, attempt):
+    def _answered(self, answer, protocol, pair, record, attempt, onAnswer, onFailure, args):
+        protocol.noteActivity()
+        onAnswer(answer, *args)
+
+    def _unanswered(self, failure, protocol, pair, record, attempt, onAnswer, onFailure, args):
         """
         A peer that drains is asked again on another connection; a lost
         connection is a temporary failure.
         """
         if failure.check(RemoteError):
-            if failure.value.code != ErrorCode.SHUTTING_DOWN or attempt == RESEND_ATTEMPTS:
-                return failure
-            protocol.stopUsing()
-            return self._send(pair, record, attempt + 1)
-        if failure.check(Refused):
-            return failure
-        raise Refused(
-            ErrorCode.TEMPORARY_FAILURE,
-            f"connection to {pair[1]} lost before an answer: {_reason(failure.value)}",
-        )
-
-
-def _answered(answer, protocol):
-    protocol.noteActivity()
-    return answer
+            if failure.value.code == ErrorCode.SHUTTING_DOWN and attempt < RESEND_ATTEMPTS:
+                protocol.stopUsing()
+                resent = self._send(pair, record, attempt + 1)
+                resent.addCallbacks(onAnswer, onFailure, args, None, args)
+                return
+        elif not failure.check(Refused):
+            failure = Failure(
+                Refused(
+                    ErrorCode.TEMPORARY_FAILURE,
+                    f"connection to {pair[1]} lost before an answer: {_reason(failure.value)}",
+                )
+            )
+        onFailure(failure, *args)
 
 
 def _timedOut(failure, what, remote):

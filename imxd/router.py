@@ -247,6 +247,19 @@ class Router:
             return self.deliver(record, origin, receiving)
         return self.pool.send((origin, receiving), record)
 
+    def transmitThen(self, origin, receiving, record, onAnswer, onFailure, *args):
+        """
+        L{transmit}, calling C{onAnswer(answer, *args)} or
+        C{onFailure(failure, *args)}; a record for a remote domain makes
+        no L{Deferred} on a connection already authenticated for the pair
+        (the outbox's per-message path).
+        """
+        if self.aggregator.domain(receiving) is not None:
+            delivered = self.deliver(record, origin, receiving)
+            delivered.addCallbacks(onAnswer, onFailure, args, None, args)
+        else:
+            self.pool.sendThen((origin, receiving), record, onAnswer, onFailure, *args)
+
     def deliver(self, record, origin, receiving):
         """
         Hand a record for a hosted domain to that domain (its backend, or

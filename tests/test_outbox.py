@@ -19,6 +19,7 @@ import os
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from imxd.config import QueueConfig
@@ -876,10 +877,10 @@ class FakeTransmit:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, origin, remote, record):
+    def __call__(self, origin, remote, record, onAnswer, onFailure, *args):
         d = Deferred()
+        d.addCallbacks(onAnswer, onFailure, args, None, args)
         self.calls.append((remote, record.messageId, d))
-        return d
 
     def sent(self):
         return [(remote, messageId) for remote, messageId, _ in self.calls]
@@ -1177,9 +1178,10 @@ class OutboxTests(SynchronousTestCase):
         """
         self.outbox.stop()
         self.outbox = self.build(giveUpAfter=90.0, retryInitial=1000.0, retryMax=1000.0)
-        self.outbox.transmit = lambda origin, remote, record: fail(
-            Refused(ErrorCode.TEMPORARY_FAILURE, "down")
-        )
+        def failAtOnce(origin, remote, record, onAnswer, onFailure, *args):
+            onFailure(Failure(Refused(ErrorCode.TEMPORARY_FAILURE, "down")), *args)
+
+        self.outbox.transmit = failAtOnce
         self.submit("m0")
         self.assertIsNotNone(self.outbox.queues["b.test"].retryAt)
         self.clock.advance(2 * SWEEP_INTERVAL)

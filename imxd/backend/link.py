@@ -262,11 +262,9 @@ class LinkBackend:
         while self.held and self.connected():
             serial, record = self.held.popleft()
             self._unconfirmed[serial] = record
-            self.connection.request(record).addCallbacks(
-                self._taken, self._notTaken, (serial,), None, (serial, record)
-            )
+            self.connection.requestThen(record, self._taken, self._notTaken, serial, record)
 
-    def _taken(self, _, serial):
+    def _taken(self, _, serial, record):
         self._unconfirmed.pop(serial, None)
 
     def _notTaken(self, failure, serial, record):

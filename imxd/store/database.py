@@ -16,6 +16,8 @@ import sqlite3
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from imxd.callbacks import Callbacks
+
 #: C{server.queue.durability} values and the SQLite C{synchronous} setting
 #: each one uses (in WAL mode).  C{full}: a commit is on disk before the
 #: writers hear of it (it survives a power loss).  C{normal}: a commit is
@@ -111,11 +113,27 @@ class Database:
         @return: a L{Deferred} firing once everything queued so far is
             committed, or failing with L{StoreError}.
         """
-        waiting = defer.Deferred()
-        if not self._pending:
+        return self._wait(defer.Deferred())
+
+    def whenCommitted(self, onCommitted, onFailure, *args):
+        """
+        Call C{onCommitted(None, *args)} once everything queued so far is
+        committed, or C{onFailure(failure, *args)} (a L{StoreError}): what
+        L{committed} does, without a L{Deferred} (the per-message path).
+        """
+        self._wait(Callbacks(onCommitted, onFailure, args))
+
+    def _wait(self, waiting):
+        """
+        Fire C{waiting} (a L{Deferred} or L{Callbacks}) at the next commit,
+        or now when nothing is queued.
+
+        @return: C{waiting}.
+        """
+        if self._pending:
+            self._waiting.append(waiting)
+        else:
             waiting.callback(None)
-            return waiting
-        self._waiting.append(waiting)
         return waiting
 
     def _schedule(self):
@@ -174,6 +192,30 @@ class Database:
         self.commit()
         self._closed = True
         self._db.close()
+
+
+class Stored:
+    """
+    A store kept in a L{Database}: its changes are durable when the
+    database's grouped commit says so.
+
+    @ivar database: the L{Database}.
+    """
+
+    def __init__(self, database):
+        self.database = database
+
+    def committed(self):
+        """
+        @return: a L{Deferred} firing once every change so far is durable.
+        """
+        return self.database.committed()
+
+    def whenCommitted(self, onCommitted, onFailure, *args):
+        """
+        See L{Database.whenCommitted}.
+        """
+        self.database.whenCommitted(onCommitted, onFailure, *args)
 
 
 def _runs(pending):

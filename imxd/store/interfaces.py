@@ -35,6 +35,13 @@ class IOutboundStore(Interface):
         @return: a L{Deferred} firing once every change so far is durable.
         """
 
+    def whenCommitted(onCommitted, onFailure, *args):
+        """
+        Call C{onCommitted(None, *args)} once every change so far is
+        durable, or C{onFailure(failure, *args)}: L{committed} without a
+        L{Deferred}.
+        """
+
 
 class ISeenStore(Interface):
     """
@@ -63,4 +70,11 @@ class ISeenStore(Interface):
     def committed():
         """
         @return: a L{Deferred} firing once every change so far is durable.
+        """
+
+    def whenCommitted(onCommitted, onFailure, *args):
+        """
+        Call C{onCommitted(None, *args)} once every change so far is
+        durable, or C{onFailure(failure, *args)}: L{committed} without a
+        L{Deferred}.
         """

@@ -9,6 +9,7 @@ from __future__ import annotations
 import attrs
 from zope.interface import implementer
 
+from imxd.store.database import Stored
 from imxd.store.interfaces import IOutboundStore
 from imxd.wire import decodeRecords, encodeRecord
 
@@ -52,13 +53,13 @@ class QueuedMessage:
 
 
 @implementer(IOutboundStore)
-class OutboundStore:
+class OutboundStore(Stored):
     """
     The outbound queue kept in a L{imxd.store.Database}.
     """
 
     def __init__(self, database):
-        self.database = database
+        super().__init__(database)
         database.schema(_SCHEMA)
         [(highest,)] = database.read("SELECT COALESCE(MAX(seq), 0) FROM outbound")
         self._next = highest + 1
@@ -93,9 +94,3 @@ class OutboundStore:
             QueuedMessage(seq, origin, remote, decodeRecords(record, _LARGEST)[0], accepted)
             for seq, origin, remote, accepted, record in rows
         ]
-
-    def committed(self):
-        """
-        See L{IOutboundStore.committed}.
-        """
-        return self.database.committed()

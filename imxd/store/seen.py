@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from zope.interface import implementer
 
+from imxd.store.database import Stored
 from imxd.store.interfaces import ISeenStore
 from imxd.store.seenfilter import SeenFilter
 
@@ -28,7 +29,7 @@ CREATE INDEX IF NOT EXISTS seen_at ON seen (at);
 
 
 @implementer(ISeenStore)
-class SeenStore:
+class SeenStore(Stored):
     """
     The received message ids kept in a L{imxd.store.Database}.  An id is
     seen once its write is committed; until then the router holds the
@@ -41,7 +42,7 @@ class SeenStore:
     """
 
     def __init__(self, database):
-        self.database = database
+        super().__init__(database)
         database.schema(_SCHEMA)
         self.filter = SeenFilter()
         self.lookups = 0
@@ -83,9 +84,3 @@ class SeenStore:
             self.database.writeMany("DELETE FROM seen WHERE origin = ? AND id = ?", rows)
         self.filter.forget(before)
         return len(rows)
-
-    def committed(self):
-        """
-        See L{ISeenStore.committed}.
-        """
-        return self.database.committed()

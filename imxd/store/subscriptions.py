@@ -12,6 +12,8 @@ import json
 
 import attrs
 
+from imxd.store.database import Stored
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS subscribers (
     domain TEXT NOT NULL,
@@ -61,7 +63,7 @@ class StoredPresence:
     published: list
 
 
-class SubscriptionStore:
+class SubscriptionStore(Stored):
     """
     One hosted domain's presence subscriptions kept in a
     L{imxd.store.Database}; changes are written with the next grouped
@@ -74,7 +76,7 @@ class SubscriptionStore:
         @param domain: the hosted domain whose rows this store reads and
             writes.
         """
-        self.database = database
+        super().__init__(database)
         self.domain = domain
         database.schema(_SCHEMA)
 
@@ -154,9 +156,3 @@ class SubscriptionStore:
             " VALUES (?, ?, ?, ?, ?)",
             (self.domain, user, presence, status, json.dumps(list(attributes))),
         )
-
-    def committed(self):
-        """
-        @return: a L{Deferred} firing once every change so far is durable.
-        """
-        return self.database.committed()
