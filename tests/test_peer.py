@@ -725,6 +725,33 @@ class RequestTests(PeerTestCase):
         self.failureResultOf(d, ConnectionDone)
         self.assertNotIn(self.proto, self.factory.connections)
 
+    def test_requestThen(self):
+        """
+        C{requestThen} tells its functions, with their arguments, what
+        L{request}'s Deferred would fire with: the ACK, an ERROR as
+        L{RemoteError}, or the loss of the connection.
+        """
+        told = []
+
+        def answered(answer, name):
+            told.append((name, answer))
+
+        def failed(failure, name):
+            told.append((name, failure.value))
+
+        for name in ("acked", "refused", "lost"):
+            self.proto.requestThen(MESSAGE, answered, failed, name)
+        acked, refused, _lost = self.written()
+        self.assertEqual(self.proto.pendingRequests(), 3)
+        self.send(Ack(tags=(acked.tag,)))
+        self.send(Error(tag=refused.tag, code=ErrorCode.RATE_LIMITED))
+        self.proto.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual([name for name, _ in told], ["acked", "refused", "lost"])
+        self.assertIsInstance(told[0][1], Ack)
+        self.assertEqual(told[1][1].code, ErrorCode.RATE_LIMITED)
+        self.assertIsInstance(told[2][1], ConnectionLost)
+        self.assertEqual(self.proto.pendingRequests(), 0)
+
     def test_unmatchedResponse(self):
         """
         A response whose tag names no pending request is counted and
