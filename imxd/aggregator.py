@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from imxd.backend import lookupBackend
 from imxd.backend.interfaces import IDomainService
 from twisted.internet.defer import Deferred, fail, maybeDeferred
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from imxd.config import Config, DomainConfig
@@ -108,10 +109,24 @@ class VirtualDomain(service.Service):
         """
         See L{IDomainService.sendMessage}.
         """
+        accepted = Deferred()
+        self.sendMessageThen(message, accepted.callback, accepted.errback)
+        return accepted
+
+    def sendMessageThen(self, message: Message, onAccepted, onFailure, *args) -> None:
+        """
+        L{sendMessage}, calling C{onAccepted(None, *args)} or
+        C{onFailure(failure, *args)} instead of returning a L{Deferred}
+        (for imxd's own link listener, on the per-message path).
+        """
         router = self.parent.router if self.parent is not None else None
         if router is None:
-            return fail(Refused(ErrorCode.SHUTTING_DOWN, "imxd is not routing"))
-        return maybeDeferred(router.submit, message, self.name)
+            onFailure(Failure(Refused(ErrorCode.SHUTTING_DOWN, "imxd is not routing")), *args)
+            return
+        try:
+            router.submitThen(message, self.name, onAccepted, onFailure, *args)
+        except Exception:
+            onFailure(Failure(), *args)
 
     def deliveryReport(self, message: Message, refusal) -> None:
         """

@@ -347,7 +347,9 @@ class FederationProtocol(PeerProtocol):
             return
         self.noteActivity()
         self.factory.count("data-received")
-        self.answer(self.federation.router.deliver(record, origin, receiving), record)
+        self.federation.router.deliverThen(
+            record, origin, receiving, self.answerAccepted, self.answerRefusal, record.tag, type(record)
+        )
 
     def _trusts(self, origin, receiving):
         """

@@ -193,30 +193,42 @@ class Outbox:
             (C{resource-limit} when the queue is full, C{temporary-failure}
             when it cannot be written).
         """
-        if self.depth >= self.settings.maxQueued:
-            self.counters["refused-full"] += 1
-            return defer.fail(
-                Refused(
-                    ErrorCode.RESOURCE_LIMIT,
-                    f"the outbound queue is full ({self.settings.maxQueued} messages)",
-                )
-            )
-        entry = self.store.add(origin, remote, record, self.clock.seconds())
-        self.depth += 1
-        stored = self.store.committed()
-        stored.addCallbacks(self._accepted, self._notStored, (entry,), None, (entry,))
+        stored = defer.Deferred()
+        self.submitThen(origin, remote, record, stored.callback, stored.errback)
         return stored
 
-    def _accepted(self, _, entry):
+    def submitThen(self, origin, remote, record, onAccepted, onFailure, *args):
+        """
+        L{submit}, calling C{onAccepted(None, *args)} or C{onFailure(failure,
+        *args)} instead of returning a L{Deferred} (the per-message path).
+        """
+        if self.depth >= self.settings.maxQueued:
+            self.counters["refused-full"] += 1
+            refusal = Refused(
+                ErrorCode.RESOURCE_LIMIT,
+                f"the outbound queue is full ({self.settings.maxQueued} messages)",
+            )
+            onFailure(Failure(refusal), *args)
+            return
+        entry = self.store.add(origin, remote, record, self.clock.seconds())
+        self.depth += 1
+        waiting = (entry, onAccepted, onFailure, args)
+        self.store.whenCommitted(self._accepted, self._notStored, waiting)
+
+    def _accepted(self, _, waiting):
+        entry, onAccepted, _onFailure, args = waiting
         queue = self._queue(entry.remote)
         queue.waiting.append(entry)
         self._pump(queue)
+        onAccepted(None, *args)
 
-    def _notStored(self, failure, entry):
+    def _notStored(self, failure, waiting):
+        _entry, _onAccepted, onFailure, args = waiting
         self.depth -= 1
-        raise Refused(
+        refusal = Refused(
             ErrorCode.TEMPORARY_FAILURE, f"the message could not be queued: {failure.value}"
         )
+        onFailure(Failure(refusal), *args)
 
     def _queue(self, remote):
         queue = self.queues.get(remote)

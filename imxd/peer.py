@@ -888,9 +888,11 @@ class PeerProtocol(Protocol):
         if self.state is not PeerState.CLOSED:
             self.sendRecord(refusal.toError(tag))
 
-    def answerAccepted(self, response, tag):
+    def answerAccepted(self, response, tag, requestType=None):
         """
-        A request was accepted: ACK it, or send its response record.
+        A request was accepted: ACK it, or send its response record
+        (C{requestType} is there so that both answers take the same
+        arguments).
         """
         if response is None:
             self.acknowledge(tag)

@@ -201,14 +201,24 @@ class Router:
             accepted (a delivery report follows through the backend's
             C{deliveryReport}), or failing with L{Refused}.
         """
+        accepted = defer.Deferred()
+        self.submitThen(message, fromDomain, accepted.callback, accepted.errback)
+        return accepted
+
+    def submitThen(self, message, fromDomain, onAccepted, onFailure, *args):
+        """
+        L{submit}, calling C{onAccepted(None, *args)} or C{onFailure(failure,
+        *args)} instead of returning a L{Deferred} (the per-message path).
+        """
         try:
             origin, receiving = self._checked(message, fromDomain)
             self._withinRate(message.sender, fromDomain)
-            return self.outbox.submit(origin, receiving, message)
-        except Refused as e:
-            return defer.fail(e)
+            # The outbox encodes the message to store it: EncodeError.
+            self.outbox.submitThen(origin, receiving, message, onAccepted, onFailure, *args)
+        except Refused:
+            onFailure(Failure(), *args)
         except EncodeError as e:
-            return defer.fail(Refused(ErrorCode.MALFORMED, f"cannot be sent: {e}"))
+            onFailure(Failure(Refused(ErrorCode.MALFORMED, f"cannot be sent: {e}")), *args)
 
     def _withinRate(self, sender, fromDomain):
         """
@@ -255,8 +265,7 @@ class Router:
         (the outbox's per-message path).
         """
         if self.aggregator.domain(receiving) is not None:
-            delivered = self.deliver(record, origin, receiving)
-            delivered.addCallbacks(onAnswer, onFailure, args, None, args)
+            self.deliverThen(record, origin, receiving, onAnswer, onFailure, *args)
         else:
             self.pool.sendThen((origin, receiving), record, onAnswer, onFailure, *args)
 
@@ -276,69 +285,86 @@ class Router:
             record for requests that have one (L{None} for an ACK), or
             failing with L{Refused}.
         """
+        handled = defer.Deferred()
+        self.deliverThen(record, origin, receiving, handled.callback, handled.errback)
+        return handled
+
+    def deliverThen(self, record, origin, receiving, onAnswer, onFailure, *args):
+        """
+        L{deliver}, calling C{onAnswer(answer, *args)} or C{onFailure(failure,
+        *args)} instead of returning a L{Deferred} (the per-message path of
+        a receiving server).
+        """
         domain = self.aggregator.domain(receiving)
         if domain is None:
-            return defer.fail(
-                Refused(ErrorCode.RELAY_DENIED, f"{receiving} is not hosted here")
-            )
-        if origin in domain.config.policy.blockedDomains:
-            return defer.fail(
-                Refused(ErrorCode.BLOCKED, f"{receiving} does not accept traffic from {origin}")
-            )
-        if self._inProgress[receiving] >= self.maxInProgress:
+            refusal = Refused(ErrorCode.RELAY_DENIED, f"{receiving} is not hosted here")
+        elif origin in domain.config.policy.blockedDomains:
+            refusal = Refused(ErrorCode.BLOCKED, f"{receiving} does not accept traffic from {origin}")
+        elif self._inProgress[receiving] >= self.maxInProgress:
             self.busyRefusals += 1
-            return defer.fail(
-                Refused(
-                    ErrorCode.RESOURCE_LIMIT,
-                    f"{receiving} is handling {self.maxInProgress} requests; try again shortly",
-                    retryAfter=1,
-                )
+            refusal = Refused(
+                ErrorCode.RESOURCE_LIMIT,
+                f"{receiving} is handling {self.maxInProgress} requests; try again shortly",
+                retryAfter=1,
             )
+        else:
+            refusal = None
+        if refusal is not None:
+            onFailure(Failure(refusal), *args)
+            return
         if record.tag:
             record = withTag(record, 0)
         self._inProgress[receiving] += 1
-        received = self._receive(domain, record, origin)
-        return received.addBoth(self._handled, receiving)
-
-    def _handled(self, result, receiving):
-        self._inProgress[receiving] -= 1
-        if not self._inProgress[receiving]:
-            del self._inProgress[receiving]
-        return result
-
-    def _receive(self, domain, record, origin):
-        """
-        Hand a record to its domain, a MESSAGE once per id and origin.
-        """
+        waiting = (receiving, onAnswer, onFailure, args)
         if not isinstance(record, Message):
-            return domain.receive(record)
+            domain.receive(record).addBoth(self._handled, waiting)
+            return
         key = (origin, record.messageId)
         copies = self._delivering.get(key)
         if copies is not None:
-            copy = defer.Deferred()
-            copies.append(copy)
-            return copy
+            copies.append(waiting)
+            return
         if self.seen.contains(*key):
             self.duplicates += 1
-            return defer.succeed(None)
+            self._handled(None, waiting)
+            return
         self._delivering[key] = []
-        delivered = domain.receive(record)
-        delivered.addCallback(self._remember, key)
-        return delivered.addBoth(self._settled, key)
+        domain.receive(record).addCallbacks(
+            self._remember, self._settled, (key, waiting), None, (key, waiting)
+        )
 
-    def _remember(self, _, key):
-        self.seen.add(*key, self.clock.seconds())
-        return self.seen.committed()
+    def _remember(self, _, key, waiting):
+        """
+        The backend took a MESSAGE: remember its id, and answer once that
+        is durable.
+        """
+        try:
+            self.seen.add(*key, self.clock.seconds())
+        except Exception:
+            self._settled(Failure(), key, waiting)
+            return
+        self.seen.whenCommitted(self._settled, self._settled, key, waiting)
 
-    def _settled(self, result, key):
+    def _settled(self, outcome, key, waiting):
         """
-        Give the copies that came while delivering the first one its
-        outcome.
+        A MESSAGE is delivered (and its id remembered), or failed: answer
+        it, and the copies that came meanwhile.
         """
+        self._handled(outcome, waiting)
         for copy in self._delivering.pop(key):
-            if isinstance(result, Failure):
-                copy.errback(result)
-            else:
+            if not isinstance(outcome, Failure):
                 self.duplicates += 1
-                copy.callback(None)
-        return result
+            self._handled(outcome, copy)
+
+    def _handled(self, outcome, waiting):
+        """
+        Answer one delivery with C{outcome} (a result or a L{Failure}).
+        """
+        receiving, onAnswer, onFailure, args = waiting
+        self._inProgress[receiving] -= 1
+        if not self._inProgress[receiving]:
+            del self._inProgress[receiving]
+        if isinstance(outcome, Failure):
+            onFailure(outcome, *args)
+        else:
+            onAnswer(outcome, *args)

@@ -43,6 +43,9 @@ class FakeDomainService:
     def sendMessage(self, message):
         return self._record("sendMessage", message)
 
+    def sendMessageThen(self, message, onAccepted, onFailure, *args):
+        self.sendMessage(message).addCallbacks(onAccepted, onFailure, args, None, args)
+
     def subscribe(self, subscriber, publisher):
         return self._record("subscribe", subscriber, publisher, result="pending")
 

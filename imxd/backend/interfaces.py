@@ -140,6 +140,14 @@ class IDomainService(Interface):
             L{IBackend.deliveryReport}.
         """
 
+    def sendMessageThen(message, onAccepted, onFailure, *args):
+        """
+        L{sendMessage}, calling C{onAccepted(None, *args)} or
+        C{onFailure(failure, *args)} once, instead of returning a
+        L{Deferred}: for adapters whose every message passes here (imxd's
+        link listener uses it).
+        """
+
     def subscribe(subscriber, publisher):
         """
         C{subscriber} wants C{publisher}'s presence, for as long as it does

@@ -218,11 +218,12 @@ class LinkBackend:
         """
         return self.connection is not None and self.connection.state is PeerState.OPEN
 
-    def _request(self, record):
+    def _request(self, record, convert):
         """
         Send a request to the backend.
 
-        @return: a L{Deferred} of its answer, failing with L{Refused} (the
+        @param convert: turns the backend's answer into the result.
+        @return: a L{Deferred} of the result, failing with L{Refused} (the
             backend's ERROR, or C{temporary-failure} when no link serves
             the domain or it closed before answering).
         """
@@ -234,7 +235,7 @@ class LinkBackend:
                     retryAfter=RETRY_WHILE_DOWN,
                 )
             )
-        return self.connection.request(record).addErrback(_linkClosed)
+        return self.connection.request(record).addCallbacks(convert, _linkClosed)
 
     def _hold(self, record) -> None:
         """
@@ -301,13 +302,13 @@ class LinkBackend:
         """
         Hand a message to the backend; see L{IBackend.deliverMessage}.
         """
-        return self._request(message).addCallback(_acknowledged)
+        return self._request(message, _acknowledged)
 
     def deliverNotification(self, notification) -> defer.Deferred:
         """
         Hand a NOTIFY to the backend; see L{IBackend.deliverNotification}.
         """
-        return self._request(notification).addCallback(_acknowledged)
+        return self._request(notification, _acknowledged)
 
     def decideSubscription(self, subscriber: str, publisher: str) -> defer.Deferred:
         """
@@ -323,8 +324,7 @@ class LinkBackend:
                 )
             return state
 
-        asked = self._request(Subscribe(subscriber=subscriber, publisher=publisher))
-        return asked.addCallback(decision)
+        return self._request(Subscribe(subscriber=subscriber, publisher=publisher), decision)
 
     def subscriptionChanged(self, subscriber: str, publisher: str, state: str) -> None:
         """
@@ -344,8 +344,7 @@ class LinkBackend:
                 raise Refused(ErrorCode.MALFORMED, "the backend did not answer with ATTRIBUTES")
             return parseAttributes(answer.attributes)
 
-        asked = self._request(UserAttributesGet(requester=requester, target=user))
-        return asked.addCallback(values)
+        return self._request(UserAttributesGet(requester=requester, target=user), values)
 
     def deliveryReport(self, message: Message, refusal) -> None:
         """
@@ -482,16 +481,35 @@ class LinkServerProtocol(PeerProtocol):
         try:
             answered = _REQUESTS[type(record)](self, record)
         except Refused as refusal:
-            self.factory.count("requests-refused")
-            self.sendRecord(refusal.toError(record.tag))
+            self._refuseRequest(refusal, record.tag)
             return
         self.answer(answered, record)
 
-    def _sendMessage(self, message):
-        service = self._serviceFor(message.sender)
-        if message.tag:
-            message = withTag(message, 0)
-        return service.sendMessage(message)
+    def _refuseRequest(self, refusal, tag):
+        self.factory.count("requests-refused")
+        self.sendRecord(refusal.toError(tag))
+
+    def _handleMessage(self, message) -> None:
+        """
+        A MESSAGE from the backend: queue it, and ACK it once it is queued
+        durably (without a L{Deferred}: the per-message path).
+        """
+        if message.response:
+            self._handleResponse(message)
+            return
+        tag = message.tag
+        try:
+            service = self._serviceFor(message.sender)
+        except Refused as refusal:
+            self._refuseRequest(refusal, tag)
+            return
+        service.sendMessageThen(
+            withTag(message, 0) if tag else message,
+            self.answerAccepted,
+            self.answerRefusal,
+            tag,
+            Message,
+        )
 
     def _subscribe(self, record):
         service = self._serviceFor(record.subscriber)
@@ -532,9 +550,9 @@ class LinkServerProtocol(PeerProtocol):
         )
 
 
-#: What each request from the backend does.
+#: What each request from the backend does (but MESSAGE, which
+#: L{LinkServerProtocol._handleMessage} serves).
 _REQUESTS = {
-    Message: LinkServerProtocol._sendMessage,
     Subscribe: LinkServerProtocol._subscribe,
     Unsubscribe: LinkServerProtocol._unsubscribe,
     SubscriptionState: LinkServerProtocol._decide,
@@ -550,6 +568,7 @@ def _linkTables():
     LINK_AUTH and the backend's requests served when OPEN.
     """
     serving = {recordClass: LinkServerProtocol._handleRequest for recordClass in _REQUESTS}
+    serving[Message] = LinkServerProtocol._handleMessage
     serving[LinkAuth] = LinkServerProtocol._handleAuth
     serving[Attributes] = LinkServerProtocol._handleResponse
     return servingTables(serving)
