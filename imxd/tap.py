@@ -121,6 +121,7 @@ def makeService(options: Options, reactor: Any = None) -> Aggregator:
             os.path.join(server.stateDirectory, DATABASE_NAME),
             reactor,
             server.queue.durability,
+            threaded=True,
         )
     except StoreError as e:
         raise SystemExit(f"imxd: {config.path}: server.state_dir: {e}")

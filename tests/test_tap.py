@@ -64,6 +64,15 @@ class TapTestsMixin:
         options.parseOptions(["--config", self.path, *extra])
         return options
 
+    def makeService(self, options: Options, reactor: object) -> object:
+        """
+        L{makeService}, closing its database (and so its writer thread)
+        when the test ends.
+        """
+        service = makeService(options, reactor)
+        self.addCleanup(service.database.close)
+        return service
+
 
 class OptionsTests(TapTestsMixin, SynchronousTestCase):
     """
@@ -140,7 +149,7 @@ class MakeServiceTests(TapTestsMixin, SynchronousTestCase):
     def setUp(self) -> None:
         super().setUp()
         self.reactor = MemoryReactorClock()
-        self.service = makeService(self.options(), self.reactor)
+        self.service = self.makeService(self.options(), self.reactor)
 
     def test_garbageCollectorSettledOnceRunning(self) -> None:
         """
@@ -157,6 +166,13 @@ class MakeServiceTests(TapTestsMixin, SynchronousTestCase):
         settleGarbageCollector()
         self.assertEqual(gc.get_threshold(), GC_THRESHOLDS)
         self.assertGreater(gc.get_freeze_count(), 0)
+
+    def test_databaseThreaded(self) -> None:
+        """
+        The server's database commits on a thread of its own, so that the
+        reactor is not held while SQLite writes and waits for the disk.
+        """
+        self.assertTrue(self.service.database.threaded)
 
     def test_aggregator(self) -> None:
         """
@@ -222,7 +238,7 @@ class MakeServiceTests(TapTestsMixin, SynchronousTestCase):
         state = os.path.join(self.base, "state")
         marker = os.path.join(state, "marker")
         open(marker, "w").close()
-        makeService(self.options(), self.reactor)
+        self.makeService(self.options(), self.reactor)
         self.assertTrue(os.path.exists(marker))
 
     def test_start(self) -> None:
@@ -259,7 +275,7 @@ class AdminSocketTests(TapTestsMixin, SynchronousTestCase):
         relative path when the test directory's absolute one is too long).
         """
         reactor = MemoryReactorClock()
-        service = makeService(self.options(), reactor)
+        service = self.makeService(self.options(), reactor)
         service.privilegedStartService()
         [(path, factory, backlog, mode, wantPID)] = reactor.unixServers
         self.assertEqual(
@@ -331,7 +347,7 @@ class LocalBackendServiceTests(TapTestsMixin, SynchronousTestCase):
         self.addLocal("gamma.test", "accounts.sqlite", "tcp:8280:interface=127.0.0.1")
         self.addLocal("delta.test", "accounts.sqlite", "tcp:8280:interface=127.0.0.1")
         self.addLocal("eps.test", "other.sqlite", "tcp:8281:interface=127.0.0.1")
-        service = makeService(self.options(), MemoryReactorClock())
+        service = self.makeService(self.options(), MemoryReactorClock())
         first = service.getServiceNamed("client-api-0")
         second = service.getServiceNamed("client-api-1")
         self.assertEqual(sorted(first.api.backends), ["delta.test", "gamma.test"])
@@ -378,7 +394,7 @@ class TLSStartTests(TapTestsMixin, SynchronousTestCase):
         leaf.cert_chain_pems[0].write_to_path(os.path.join(self.base, "cert.pem"))
         leaf.private_key_pem.write_to_path(os.path.join(self.base, "key.pem"))
         self.addTLSDomain("cert.pem", "key.pem")
-        service = makeService(self.options(), MemoryReactorClock())
+        service = self.makeService(self.options(), MemoryReactorClock())
         tls = service.federation.tls
         self.assertEqual(tls.pairMode("gamma.test", "peer.test"), "required")
         self.assertEqual(tls.store.domains, {"gamma.test"})

@@ -11,7 +11,9 @@ their own pending writes keep them in memory until they are committed.
 from __future__ import annotations
 
 import os
+import queue
 import sqlite3
+import threading
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -25,6 +27,10 @@ from imxd.callbacks import Callbacks
 #: killed, not a power loss or a kernel crash).
 DURABILITY_MODES = {"full": "FULL", "normal": "NORMAL"}
 
+#: How long a connection waits for another's lock (the writer thread's
+#: transaction, a checkpoint) before giving up, in milliseconds.
+BUSY_TIMEOUT_MS = 10_000
+
 
 class StoreError(Exception):
     """
@@ -37,19 +43,25 @@ class Database:
     A SQLite database shared by imxd's stores, with grouped commits.
 
     @ivar path: the file, or C{":memory:"}.
+    @ivar threaded: whether commits run on a thread of their own.
     @ivar commits: transactions committed so far.
     @ivar writes: statements committed so far.
     """
 
     log = Logger()
 
-    def __init__(self, path, clock, durability="full"):
+    def __init__(self, path, clock, durability="full", threaded=False):
         """
         Open (or create, mode 0600) the database.
 
         @param path: a file path, or C{":memory:"} for tests.
         @param clock: an L{IReactorTime}; commits are scheduled on it.
         @param durability: a key of L{DURABILITY_MODES}.
+        @param threaded: commit on a thread of its own, with a connection
+            of its own, so that the reactor goes on while SQLite writes and
+            waits for the disk; C{clock} must then be the running reactor
+            (an L{IReactorThreads}), which hears of each commit.  A file
+            database only.
         @raise StoreError: the file cannot be opened.
         """
         if durability not in DURABILITY_MODES:
@@ -60,17 +72,36 @@ class Database:
         try:
             if path != ":memory:" and not os.path.exists(path):
                 os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-            self._db = sqlite3.connect(path, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(f"PRAGMA synchronous={DURABILITY_MODES[durability]}")
-        except (OSError, sqlite3.Error) as e:
+        except OSError as e:
             raise StoreError(f"cannot open {path}: {e}") from None
+        self._db = self._connect()
         self._pending = []
         self._waiting = []
         self._call = None
         self._closed = False
+        self._writer = None
+        self.threaded = threaded
+        if threaded:
+            if path == ":memory:":
+                raise StoreError("a database in memory cannot be written by another thread")
+            self._writer = _WriterThread(self, self._connect())
         self.commits = 0
         self.writes = 0
+
+    def _connect(self):
+        """
+        @return: a new connection to the file, in WAL mode with the
+            durability's C{synchronous} setting.
+        @raise StoreError: it cannot be opened.
+        """
+        try:
+            connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute(f"PRAGMA synchronous={DURABILITY_MODES[self.durability]}")
+            connection.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open {self.path}: {e}") from None
+        return connection
 
     def schema(self, script):
         """
@@ -130,8 +161,9 @@ class Database:
 
         @return: C{waiting}.
         """
-        if self._pending:
+        if self._pending or (self._writer is not None and self._writer.busy):
             self._waiting.append(waiting)
+            self._schedule()
         else:
             waiting.callback(None)
         return waiting
@@ -143,11 +175,14 @@ class Database:
     def commit(self):
         """
         Commit everything queued, in one transaction, and tell those
-        waiting for it.
+        waiting for it (threaded: start that commit, unless one is under
+        way, after which the next starts).
         """
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
+        if self._writer is not None and self._writer.busy:
+            return
         pending, self._pending = self._pending, []
         waiting, self._waiting = self._waiting, []
         if self._closed:
@@ -162,36 +197,120 @@ class Database:
             for each in waiting:
                 each.callback(None)
             return
-        try:
-            self._db.execute("BEGIN")
-            for sql, rows in _runs(pending):
-                self._db.executemany(sql, rows)
-            self._db.execute("COMMIT")
-        except Exception as e:
-            # Not only sqlite3.Error: a value SQLite cannot take (a lone
-            # surrogate, an integer too large) must not leave the
-            # connection inside a transaction for good.
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-            self.log.error("cannot write {path}: {e}", path=self.path, e=e)
-            error = StoreError(f"cannot write {self.path}: {e}")
-            for each in waiting:
-                each.errback(error)
+        if self._writer is not None:
+            self._writer.start(pending, waiting)
             return
-        self.commits += 1
-        self.writes += len(pending)
-        for each in waiting:
-            each.callback(None)
+        self.committedBy(pending, waiting, _transact(self._db, pending))
+
+    def committedBy(self, pending, waiting, error):
+        """
+        A transaction of C{pending} ended (C{error} L{None}: committed):
+        tell those C{waiting}, and start the next commit if more is queued.
+        """
+        if error is not None:
+            self.log.error("cannot write {path}: {e}", path=self.path, e=error)
+            failure = StoreError(f"cannot write {self.path}: {error}")
+            for each in waiting:
+                each.errback(failure)
+        else:
+            self.commits += 1
+            self.writes += len(pending)
+            for each in waiting:
+                each.callback(None)
+        if self._pending or self._waiting:
+            self._schedule()
 
     def close(self):
         """
-        Commit what is queued and close the file (once).
+        Commit what is queued and close the file (once); threaded, the
+        commit under way is waited for first.
         """
         if self._closed:
             return
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            writer.stop()
         self.commit()
         self._closed = True
         self._db.close()
+
+
+def _transact(connection, pending):
+    """
+    Run queued statements in one transaction on C{connection}.
+
+    @return: L{None}, or the exception that rolled it back.
+    """
+    try:
+        connection.execute("BEGIN")
+        for sql, rows in _runs(pending):
+            connection.executemany(sql, rows)
+        connection.execute("COMMIT")
+    except Exception as e:
+        # Not only sqlite3.Error: a value SQLite cannot take (a lone
+        # surrogate, an integer too large) must not leave the
+        # connection inside a transaction for good.
+        if connection.in_transaction:
+            connection.execute("ROLLBACK")
+        return e
+    return None
+
+
+class _WriterThread:
+    """
+    The thread that commits for a threaded L{Database}, one transaction
+    at a time, on a connection of its own; the reactor hears of each
+    commit through C{callFromThread}.
+
+    @ivar busy: whether a transaction is under way (until the reactor has
+        heard of it).
+    """
+
+    def __init__(self, database, connection):
+        self._database = database
+        self._connection = connection
+        self._jobs = queue.SimpleQueue()
+        self._ended = None
+        self.busy = False
+        self._thread = threading.Thread(target=self._run, name="imxd-database-writer", daemon=True)
+        self._thread.start()
+
+    def start(self, pending, waiting):
+        """
+        Commit C{pending} on the thread, then tell C{waiting}.
+        """
+        self.busy = True
+        self._jobs.put((pending, waiting))
+
+    def _run(self):
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            pending, waiting = job
+            self._ended = (pending, waiting, _transact(self._connection, pending))
+            self._database.clock.callFromThread(self._tell)
+
+    def _tell(self):
+        """
+        On the reactor: pass the transaction's end to the database (once).
+        """
+        ended, self._ended = self._ended, None
+        if ended is None:
+            return
+        self.busy = False
+        self._database.committedBy(*ended)
+
+    def stop(self):
+        """
+        Let the transaction under way end, stop the thread, and tell its
+        end now (the reactor may not turn again).
+        """
+        self._jobs.put(None)
+        self._thread.join()
+        self._tell()
+        self.busy = False
+        self._connection.close()
 
 
 class Stored:
