@@ -192,25 +192,44 @@ class VirtualDomain(service.Service):
         """
         if not isinstance(record, Message):
             return self.presence.receive(record)
+        received = Deferred()
+        self.receiveMessageThen(record, received.callback, received.errback)
+        return received
+
+    def receiveMessageThen(self, message: Message, onAccepted, onFailure, *args) -> None:
+        """
+        L{receive} for a MESSAGE, calling C{onAccepted(None, *args)} or
+        C{onFailure(failure, *args)}; a backend with the optional
+        C{deliverMessageThen} (L{imxd.backend.interfaces.IFastBackend}) is
+        asked without a L{Deferred}.
+        """
         config = self.config
-        mediaType = mediaTypeOf(record.contentType)
+        mediaType = mediaTypeOf(message.contentType)
         if mediaType not in config.acceptedTypes:
-            return fail(
-                Refused(
-                    ErrorCode.MEDIA_TYPE_REFUSED,
-                    f"{self.name} accepts {', '.join(config.acceptedTypes)}, "
-                    f"not {mediaType}",
-                )
+            refusal = Refused(
+                ErrorCode.MEDIA_TYPE_REFUSED,
+                f"{self.name} accepts {', '.join(config.acceptedTypes)}, not {mediaType}",
             )
-        if len(record.body) > config.maxMessageSize:
-            return fail(
-                Refused(
-                    ErrorCode.MESSAGE_TOO_LARGE,
-                    f"{len(record.body)} octets; {self.name} accepts at most "
-                    f"{config.maxMessageSize}",
-                )
+        elif len(message.body) > config.maxMessageSize:
+            refusal = Refused(
+                ErrorCode.MESSAGE_TOO_LARGE,
+                f"{len(message.body)} octets; {self.name} accepts at most "
+                f"{config.maxMessageSize}",
             )
-        return maybeDeferred(self.backend.deliverMessage, record)
+        else:
+            refusal = None
+        if refusal is not None:
+            onFailure(Failure(refusal), *args)
+            return
+        fast = getattr(self.backend, "deliverMessageThen", None)
+        if fast is not None:
+            try:
+                fast(message, onAccepted, onFailure, *args)
+            except Exception:
+                onFailure(Failure(), *args)
+            return
+        delivered = maybeDeferred(self.backend.deliverMessage, message)
+        delivered.addCallbacks(onAccepted, onFailure, args, None, args)
 
     def __repr__(self) -> str:
         return f"<VirtualDomain {self.config.name} backend={self.config.backend}>"

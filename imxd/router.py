@@ -329,9 +329,7 @@ class Router:
             self._handled(None, waiting)
             return
         self._delivering[key] = []
-        domain.receive(record).addCallbacks(
-            self._remember, self._settled, (key, waiting), None, (key, waiting)
-        )
+        domain.receiveMessageThen(record, self._remember, self._settled, key, waiting)
 
     def _remember(self, _, key, waiting):
         """

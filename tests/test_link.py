@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -318,6 +319,47 @@ class ServerSideTests(SynchronousTestCase):
         )
         self.assertEqual(failure.value.code, ErrorCode.INTERNAL_ERROR)
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+    def test_deliverMessageThen(self):
+        """
+        C{deliverMessageThen} is C{deliverMessage} without a Deferred: the
+        backend's ACK, its refusal, no link, and a link lost before the
+        answer reach the same outcomes.
+        """
+        told = []
+
+        def deliver(backend, messageId):
+            backend.deliverMessageThen(
+                message("x@c.test", "alice@a.test", messageId),
+                lambda result, name: told.append((name, result)),
+                lambda failure, name: told.append((name, failure.value.code)),
+                messageId,
+            )
+
+        deliver(self.backend, "unlinked")
+        handler = RecordingHandler()
+        backend, client, server = linkedBackend("a.test", Clock(), handler)
+        deliver(backend, "taken")
+        self.assertEqual([m.messageId for m in handler.messages], ["taken"])
+        handler.refuseWith = Refused(ErrorCode.UNKNOWN_USER, "no such user")
+        deliver(backend, "refused")
+
+        class Silent(LinkHandler):
+            def deliverMessage(self, message):
+                return Deferred()
+
+        silent, client, server = linkedBackend("a.test", Clock(), Silent())
+        deliver(silent, "lost")
+        server.transport.abortConnection()
+        self.assertEqual(
+            told,
+            [
+                ("unlinked", ErrorCode.TEMPORARY_FAILURE),
+                ("taken", None),
+                ("refused", ErrorCode.UNKNOWN_USER),
+                ("lost", ErrorCode.TEMPORARY_FAILURE),
+            ],
+        )
 
     def test_badDecision(self):
         """

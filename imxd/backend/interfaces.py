@@ -116,6 +116,21 @@ class IBackend(Interface):
         """
 
 
+class IFastBackend(IBackend):
+    """
+    A backend that also takes messages without a L{Deferred}, for the
+    per-message path of a busy domain (the C{link} adapter does).  imxd
+    uses C{deliverMessageThen} when a backend has it.
+    """
+
+    def deliverMessageThen(message, onAccepted, onFailure, *args):
+        """
+        L{IBackend.deliverMessage}, calling C{onAccepted(None, *args)} or
+        C{onFailure(failure, *args)} once instead of returning a
+        L{Deferred}.
+        """
+
+
 class IDomainService(Interface):
     """
     What a backend asks of imxd for its hosted domain.  Every address the

@@ -25,11 +25,12 @@ from typing import Any, Mapping
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from imxd.address import AddressError, normaliseDomain
 from imxd.backend import listenOption, refuseUnknownOptions
-from imxd.backend.interfaces import DECISIONS, IBackend
+from imxd.backend.interfaces import DECISIONS, IFastBackend
 from imxd.peer import (
     PeerFactory,
     PeerProtocol,
@@ -120,16 +121,18 @@ def _linkClosed(failure):
     """
     if failure.check(Refused):
         return failure
-    raise Refused(
-        ErrorCode.TEMPORARY_FAILURE, "the backend link closed before answering"
-    )
+    raise _linkLost()
+
+
+def _linkLost():
+    return Refused(ErrorCode.TEMPORARY_FAILURE, "the backend link closed before answering")
 
 
 def _acknowledged(_):
     return None
 
 
-@implementer(IBackend)
+@implementer(IFastBackend)
 class LinkBackend:
     """
     The backend of one hosted domain, served by whichever link connection
@@ -228,14 +231,15 @@ class LinkBackend:
             the domain or it closed before answering).
         """
         if not self.connected():
-            return defer.fail(
-                Refused(
-                    ErrorCode.TEMPORARY_FAILURE,
-                    f"the backend of {self.domain} is not connected",
-                    retryAfter=RETRY_WHILE_DOWN,
-                )
-            )
+            return defer.fail(self._notConnected())
         return self.connection.request(record).addCallbacks(convert, _linkClosed)
+
+    def _notConnected(self):
+        return Refused(
+            ErrorCode.TEMPORARY_FAILURE,
+            f"the backend of {self.domain} is not connected",
+            retryAfter=RETRY_WHILE_DOWN,
+        )
 
     def _hold(self, record) -> None:
         """
@@ -303,6 +307,24 @@ class LinkBackend:
         Hand a message to the backend; see L{IBackend.deliverMessage}.
         """
         return self._request(message, _acknowledged)
+
+    def deliverMessageThen(self, message: Message, onAccepted, onFailure, *args) -> None:
+        """
+        Hand a message to the backend without a L{Deferred}; see
+        L{IFastBackend.deliverMessageThen}.
+        """
+        if not self.connected():
+            onFailure(Failure(self._notConnected()), *args)
+            return
+        self.connection.requestThen(message, self._delivered, self._notDelivered, onAccepted, onFailure, args)
+
+    def _delivered(self, _, onAccepted, onFailure, args):
+        onAccepted(None, *args)
+
+    def _notDelivered(self, failure, onAccepted, onFailure, args):
+        if not failure.check(Refused):
+            failure = Failure(_linkLost())
+        onFailure(failure, *args)
 
     def deliverNotification(self, notification) -> defer.Deferred:
         """
