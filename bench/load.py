@@ -62,6 +62,10 @@ def percentile(values, fraction):
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
+def _accepted(result, *args):
+    pass
+
+
 class Receiver(LinkHandler):
     """
     B's backend (and A's, for replies and reports): counts and times what
@@ -130,16 +134,21 @@ class Run:
         self.serial += 1
         messageId = f"{self.prefix}{serial}"
         self.sentAt[messageId] = time.perf_counter()
-        sent = client.sendMessage(
+        client.sendMessageThen(
             Message(
                 sender=sender,
                 recipient=recipient,
                 messageId=messageId,
                 contentType="text/plain",
                 body=BODY,
-            )
+            ),
+            _accepted,
+            self._refused,
+            client,
+            sender,
+            recipient,
+            messageId,
         )
-        sent.addErrback(self._refused, client, sender, recipient, messageId)
 
     def _refused(self, failure, client, sender, recipient, messageId):
         """

@@ -37,6 +37,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from imxd.backend.link import SECRET_LENGTHS
+from imxd.callbacks import Callbacks
 from imxd.peer import (
     PeerFactory,
     PeerProtocol,
@@ -312,8 +313,8 @@ class LinkClient(service.Service):
         if self.connection is not None:
             self.connection.close("the backend is stopping")
         outstanding, self.outstanding = self.outstanding, {}
-        for _record, deferred, _convert in outstanding.values():
-            deferred.errback(Refused(ErrorCode.SHUTTING_DOWN, "the link client stopped"))
+        for _record, waiting, _convert in outstanding.values():
+            waiting.errback(Refused(ErrorCode.SHUTTING_DOWN, "the link client stopped"))
         return self._connector.stopService()
 
     def whenLinked(self) -> defer.Deferred:
@@ -357,21 +358,38 @@ class LinkClient(service.Service):
 
     # -- requests -------------------------------------------------------------------
 
-    def _request(self, record, convert):
-        deferred = defer.Deferred()
+    def _request(self, record, convert, waiting=None):
+        """
+        Send a request now, or once linked, and again after a lost link
+        until it is answered.
+
+        @param convert: turns the answer into the result.
+        @param waiting: who hears the result: a L{Callbacks}, or (by
+            default) a new L{Deferred}, which is returned.
+        """
+        if waiting is None:
+            waiting = defer.Deferred()
         key = next(self._keys)
-        self.outstanding[key] = [record, deferred, convert]
+        self.outstanding[key] = [record, waiting, convert]
         if self.connection is not None:
             self._transmit(key)
-        return deferred
+        return waiting
 
     def _transmit(self, key):
         self.connection.requestThen(self.outstanding[key][0], self._answered, self._failed, key)
 
     def _answered(self, answer, key):
         entry = self.outstanding.pop(key, None)
-        if entry is not None:
-            entry[1].callback(entry[2](answer))
+        if entry is None:
+            return
+        _record, waiting, convert = entry
+        try:
+            result = convert(answer)
+        except Exception:
+            # An answer that is not the one expected fails the request.
+            waiting.errback(Failure())
+            return
+        waiting.callback(result)
 
     def _failed(self, failure, key):
         if not failure.check(RemoteError):
@@ -396,6 +414,14 @@ class LinkClient(service.Service):
             failing with L{Refused}.
         """
         return self._request(message, _none)
+
+    def sendMessageThen(self, message: Message, onAccepted, onFailure, *args) -> None:
+        """
+        L{sendMessage}, calling C{onAccepted(None, *args)} or
+        C{onFailure(failure, *args)} once instead of returning a
+        L{Deferred} (for a gateway sending many messages).
+        """
+        self._request(message, _none, Callbacks(onAccepted, onFailure, args))
 
     def subscribe(self, subscriber: str, publisher: str) -> defer.Deferred:
         """

@@ -22,7 +22,7 @@ from imxd.backend.link import (
 from imxd.link import LinkClient, LinkHandler
 from imxd.peer import PeerState, Refused
 from imxd.testing import BackendContractMixin, FakeDomainService
-from imxd.wire import EncodeError, ErrorCode, LinkAuth
+from imxd.wire import Ack, EncodeError, ErrorCode, LinkAuth
 from tests.linking import (
     SECRET,
     CallableEndpoint,
@@ -399,6 +399,18 @@ class ClientTests(SynchronousTestCase):
         self.network.advance(60)
         self.assertEqual(client.endpoint.attempts, 1)
 
+    def test_unexpectedAnswerFails(self):
+        """
+        An answer of the wrong kind (an ACK where SUBSCRIPTION_STATE was
+        due) fails the request instead of leaving it waiting forever.
+        """
+        client = LinkClient(Clock(), "tcp:127.0.0.2:5280", {"a.test": SECRET}, RecordingHandler())
+        state = client.subscribe("alice@a.test", "bob@b.test")
+        [key] = client.outstanding
+        client._answered(Ack(tags=(1,)), key)
+        self.failureResultOf(state, AttributeError)
+        self.assertEqual(client.outstanding, {})
+
     def test_reconnectResends(self):
         """
         Requests made while the link is down, or lost with it, are sent
@@ -487,6 +499,29 @@ class FederatedLinkTests(SynchronousTestCase):
         self.assertEqual((received.sender, received.body), ("alice@a.test", b"hello"))
         [report] = self.alice.reports
         self.assertEqual((report.messageId, report.code), ("m-0", None))
+
+    def test_sendMessageThen(self):
+        """
+        C{LinkClient.sendMessageThen} is C{sendMessage} without a Deferred:
+        an accepted message calls the first function, a refused one the
+        second, each with the arguments given.
+        """
+        told = []
+        self.clientA.sendMessageThen(
+            message("alice@a.test", "bob@b.test", "fast-1"),
+            lambda result, n: told.append((n, result)),
+            lambda failure, n: told.append((n, failure.value.code)),
+            1,
+        )
+        self.clientA.sendMessageThen(
+            message("mallory@c.test", "bob@b.test", "fast-2"),
+            lambda result, n: told.append((n, result)),
+            lambda failure, n: told.append((n, failure.value.code)),
+            2,
+        )
+        self.network.flush()
+        self.assertEqual(sorted(told), [(1, None), (2, ErrorCode.NOT_AUTHENTICATED)])
+        self.assertEqual([m.messageId for m in self.bob.messages], ["fast-1"])
 
     def test_failureReport(self):
         """
