@@ -23,7 +23,7 @@ from imxd.config import Config, DomainConfig
 from imxd.content import mediaTypeOf
 from imxd.peer import Refused
 from imxd.presence import Presence
-from imxd.wire import ErrorCode, Message
+from imxd.wire import ErrorCode, Message, withTag
 
 __all__ = ["VirtualDomain", "Aggregator"]
 
@@ -201,7 +201,9 @@ class VirtualDomain(service.Service):
         L{receive} for a MESSAGE, calling C{onAccepted(None, *args)} or
         C{onFailure(failure, *args)}; a backend with the optional
         C{deliverMessageThen} (L{imxd.backend.interfaces.IFastBackend}) is
-        asked without a L{Deferred}.
+        asked without a L{Deferred}, and given the message as it arrived
+        (tag and all: it sends it on with a tag of its own); any other
+        backend gets it with tag 0.
         """
         config = self.config
         mediaType = mediaTypeOf(message.contentType)
@@ -228,6 +230,8 @@ class VirtualDomain(service.Service):
             except Exception:
                 onFailure(Failure(), *args)
             return
+        if message.tag:
+            message = withTag(message, 0)
         delivered = maybeDeferred(self.backend.deliverMessage, message)
         delivered.addCallbacks(onAccepted, onFailure, args, None, args)
 

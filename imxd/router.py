@@ -312,12 +312,12 @@ class Router:
         if refusal is not None:
             onFailure(Failure(refusal), *args)
             return
-        if record.tag:
-            record = withTag(record, 0)
         self._inProgress[receiving] += 1
         waiting = (receiving, onAnswer, onFailure, args)
         if not isinstance(record, Message):
-            domain.receive(record).addBoth(self._handled, waiting)
+            domain.receive(withTag(record, 0) if record.tag else record).addBoth(
+                self._handled, waiting
+            )
             return
         key = (origin, record.messageId)
         copies = self._delivering.get(key)

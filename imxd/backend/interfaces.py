@@ -127,7 +127,9 @@ class IFastBackend(IBackend):
         """
         L{IBackend.deliverMessage}, calling C{onAccepted(None, *args)} or
         C{onFailure(failure, *args)} once instead of returning a
-        L{Deferred}.
+        L{Deferred}.  C{message} may still carry the tag it had on the
+        peer connection (copying it to clear the tag would cost more than
+        the rest of the call); the tag means nothing here.
         """
 
 
