@@ -9,7 +9,10 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from imxd.store import Database, SeenStore
-from imxd.store.seenfilter import FIRST_GENERATION, SeenFilter
+from imxd.store.seenfilter import SeenFilter
+
+#: A first generation small enough for tests that fill several.
+SMALL = 1 << 12
 
 _ids = st.text(min_size=1, max_size=40)
 _pairs = st.lists(st.tuples(st.sampled_from(["a.test", "b.test", "c.test"]), _ids), max_size=200)
@@ -37,8 +40,8 @@ class SeenFilterTests(SynchronousTestCase):
         """
         Pairs stay found when they fill several generations.
         """
-        seen = SeenFilter()
-        count = FIRST_GENERATION * 4
+        seen = SeenFilter(SMALL)
+        count = SMALL * 4
         for n in range(count):
             seen.add("a.test", f"m-{n}", float(n))
         self.assertEqual(seen.generations(), 3)
@@ -49,8 +52,8 @@ class SeenFilterTests(SynchronousTestCase):
         Of 20,000 pairs never added, under 2 % are answered "perhaps" by
         two full generations (about 0.8 % is expected).
         """
-        seen = SeenFilter()
-        for n in range(FIRST_GENERATION * 3):
+        seen = SeenFilter(SMALL)
+        for n in range(SMALL * 3):
             seen.add("a.test", f"m-{n}", float(n))
         wrong = sum(seen.mayContain("a.test", f"new-{n}") for n in range(20000))
         self.assertLess(wrong, 400)
@@ -68,19 +71,19 @@ class SeenFilterTests(SynchronousTestCase):
         L{SeenFilter.forget} drops the generations whose pairs are all
         older than its time, and keeps those with a newer pair.
         """
-        seen = SeenFilter()
-        for n in range(FIRST_GENERATION + 10):
+        seen = SeenFilter(SMALL)
+        for n in range(SMALL + 10):
             seen.add("a.test", f"m-{n}", float(n))
         self.assertEqual(seen.generations(), 2)
-        seen.forget(float(FIRST_GENERATION - 1))
+        seen.forget(float(SMALL - 1))
         self.assertEqual(seen.generations(), 2)
-        seen.forget(float(FIRST_GENERATION))
+        seen.forget(float(SMALL))
         self.assertEqual(seen.generations(), 1)
-        self.assertTrue(seen.mayContain("a.test", f"m-{FIRST_GENERATION + 5}"))
+        self.assertTrue(seen.mayContain("a.test", f"m-{SMALL + 5}"))
         self.assertFalse(seen.mayContain("a.test", "m-1"))
-        seen.forget(float(2 * FIRST_GENERATION))
+        seen.forget(float(2 * SMALL))
         self.assertEqual(seen.generations(), 1)
-        self.assertFalse(seen.mayContain("a.test", f"m-{FIRST_GENERATION + 5}"))
+        self.assertFalse(seen.mayContain("a.test", f"m-{SMALL + 5}"))
         seen.add("a.test", "later", 1e9)
         self.assertTrue(seen.mayContain("a.test", "later"))
 

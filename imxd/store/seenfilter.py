@@ -15,9 +15,11 @@ from __future__ import annotations
 
 from array import array
 
-#: Ids the first generation holds; each next one holds twice as many, up
-#: to L{LARGEST_GENERATION}.
-FIRST_GENERATION = 1 << 14
+#: Ids the first generation holds (256 KiB); each next one holds twice as
+#: many, up to L{LARGEST_GENERATION}.  A new id is looked for in every
+#: generation, so few and large ones are cheaper: 2 after 300,000 ids
+#: received, where generations of 16,384 made 5.
+FIRST_GENERATION = 1 << 17
 
 #: Ids one generation holds at most (2 octets per id).
 LARGEST_GENERATION = 1 << 22
@@ -89,8 +91,13 @@ class SeenFilter:
     memory only and is built again from the table at start.
     """
 
-    def __init__(self):
-        self._generations = [_Generation(FIRST_GENERATION)]
+    def __init__(self, firstGeneration=FIRST_GENERATION):
+        """
+        @param firstGeneration: ids the first generation holds (a power of
+            two; smaller in tests).
+        """
+        self.firstGeneration = firstGeneration
+        self._generations = [_Generation(firstGeneration)]
 
     def add(self, origin, messageId, at):
         """
@@ -122,7 +129,7 @@ class SeenFilter:
         """
         kept = [g for g in self._generations if g.newest >= before]
         if not kept:
-            kept = [_Generation(FIRST_GENERATION)]
+            kept = [_Generation(self.firstGeneration)]
         self._generations = kept
 
     def generations(self):
