@@ -168,14 +168,15 @@ class ServerSideTests(SynchronousTestCase):
 
     def test_sendMessage(self):
         """
-        A MESSAGE from an authenticated domain goes to the hosted domain's
-        C{sendMessage}, without its link tag, and is acknowledged.
+        A MESSAGE from an authenticated domain goes to the hosted domain
+        (C{sendMessageThen}, which ignores its link tag) and is
+        acknowledged.
         """
         self.raw.ask(LinkAuth(domain="a.test", secret=SECRET))
         answer = self.raw.ask(message("alice@a.test", "bob@c.test", "m-1"))
         self.assertEqual(type(answer).__name__, "Ack")
         [(method, (sent,))] = self.service.calls
-        self.assertEqual((method, sent.messageId, sent.tag), ("sendMessage", "m-1", 0))
+        self.assertEqual((method, sent.messageId), ("sendMessage", "m-1"))
 
     def test_recordSizeFollowsMessageSize(self):
         """

@@ -162,7 +162,8 @@ class IDomainService(Interface):
         L{sendMessage}, calling C{onAccepted(None, *args)} or
         C{onFailure(failure, *args)} once, instead of returning a
         L{Deferred}: for adapters whose every message passes here (imxd's
-        link listener uses it).
+        link listener uses it).  The message's tag is ignored (it may be
+        the one it had on the adapter's own connection).
         """
 
     def subscribe(subscriber, publisher):

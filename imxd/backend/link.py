@@ -55,7 +55,6 @@ from imxd.wire import (
     SubscriptionState,
     Unsubscribe,
     UserAttributesGet,
-    withTag,
 )
 
 __all__ = ["LinkBackend", "LinkServerProtocol", "LinkFactory", "linkServices", "validateOptions"]
@@ -525,8 +524,10 @@ class LinkServerProtocol(PeerProtocol):
         except Refused as refusal:
             self._refuseRequest(refusal, tag)
             return
+        # Sent on as it came: the tag means nothing beyond this link, and
+        # a copy to clear it would cost more than queueing the message.
         service.sendMessageThen(
-            withTag(message, 0) if tag else message,
+            message,
             self.answerAccepted,
             self.answerRefusal,
             tag,
