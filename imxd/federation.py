@@ -835,7 +835,7 @@ class Federation(PeerFactory):
         for connection in list(self.connections):
             if connection.transport is not None:
                 connection.transport.abortConnection()
-        self.database.commit()
+        self.database.flush()
 
     def _report(self, entry, refusal):
         """

@@ -219,8 +219,11 @@ class Outbox:
         entry, onAccepted, _onFailure, args = waiting
         queue = self._queue(entry.remote)
         queue.waiting.append(entry)
-        self._pump(queue)
-        onAccepted(None, *args)
+        try:
+            self._pump(queue)
+        finally:
+            # Queued durably: accepted, whatever sending it now did.
+            onAccepted(None, *args)
 
     def _notStored(self, failure, waiting):
         _entry, _onAccepted, onFailure, args = waiting

@@ -157,10 +157,15 @@ class Router:
 
     def prune(self):
         """
-        Forget the MESSAGE_IDs older than the dedupe window, a chunk per
-        turn of the reactor until none is left.
+        Forget the MESSAGE_IDs older than the dedupe window, a chunk at a
+        time until none is left; the next chunk is read once the last one
+        is committed (read before, it would be the same rows again).
         """
-        if self.seen.prune(self.clock.seconds() - self.dedupeWindow) and self._pruner.running:
+        if self.seen.prune(self.clock.seconds() - self.dedupeWindow):
+            self.seen.whenCommitted(self._pruneNext, self._pruneNext)
+
+    def _pruneNext(self, _):
+        if self._pruner is not None and self._pruner.running:
             self._pruneMore = self.clock.callLater(0, self.prune)
 
     def _checked(self, record, fromDomain):
@@ -348,10 +353,11 @@ class Router:
         A MESSAGE is delivered (and its id remembered), or failed: answer
         it, and the copies that came meanwhile.
         """
+        copies = self._delivering.pop(key)
+        if not isinstance(outcome, Failure):
+            self.duplicates += len(copies)
         self._handled(outcome, waiting)
-        for copy in self._delivering.pop(key):
-            if not isinstance(outcome, Failure):
-                self.duplicates += 1
+        for copy in copies:
             self._handled(outcome, copy)
 
     def _handled(self, outcome, waiting):
@@ -362,7 +368,11 @@ class Router:
         self._inProgress[receiving] -= 1
         if not self._inProgress[receiving]:
             del self._inProgress[receiving]
-        if isinstance(outcome, Failure):
-            onFailure(outcome, *args)
-        else:
-            onAnswer(outcome, *args)
+        try:
+            if isinstance(outcome, Failure):
+                onFailure(outcome, *args)
+            else:
+                onAnswer(outcome, *args)
+        except Exception:
+            # The other copies of the message are still answered.
+            self.log.failure("answering a delivery to {domain} failed", domain=receiving)

@@ -3,11 +3,16 @@ Tests for L{imxd.store.Database} committing on a thread of its own.
 """
 
 import queue
+import subprocess
+import sys
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from imxd.store import Database, StoreError
+from imxd.router import Router
+from imxd.store import Database, SeenStore, StoreError
+from imxd.store import database as databaseModule
+from imxd.store.seen import PRUNE_CHUNK
 
 #: Seconds a test waits for the writer thread at most.
 WAIT = 10.0
@@ -142,3 +147,130 @@ class ThreadedTests(SynchronousTestCase):
         have its own.
         """
         self.assertRaises(StoreError, Database, ":memory:", self.clock, threaded=True)
+
+
+class ThreadedRobustnessTests(SynchronousTestCase):
+    """
+    What the review of the writer thread found: pruning in chunks, a
+    transaction that raises anything, L{Database.flush}, and a fork.
+    """
+
+    def setUp(self):
+        self.clock = ThreadClock()
+        self.path = self.mktemp()
+
+    def test_pruneChunksOnce(self):
+        """
+        Pruning reads the next chunk only once the last one is committed,
+        so each expired id is deleted once (read before the commit, the
+        same rows came back on every turn).
+        """
+        filled = Database(self.path, Clock())
+        seen = SeenStore(filled)
+        for n in range(2 * PRUNE_CHUNK + 10):
+            seen.add("a.test", f"m-{n}", 0.0)
+        filled.close()
+        database = Database(self.path, self.clock, threaded=True)
+        self.addCleanup(database.close)
+        store = SeenStore(database)
+        chunks = []
+
+        def prune(before):
+            chunks.append(before)
+            if len(chunks) > 10:
+                raise AssertionError("the same expired ids were read again and again")
+            return SeenStore.prune(store, before)
+
+        store.prune = prune
+        router = Router(None, None, self.clock, store, dedupeWindow=10)
+        self.clock.advance(100)
+        router.start()
+        self.addCleanup(router.stop)
+        for _ in range(3):
+            self.clock.advance(0)
+            self.clock.runFromThreads()
+        self.assertEqual(database.read("SELECT COUNT(*) FROM seen"), [(0,)])
+        self.assertEqual((database.writes, len(chunks)), (3, 4))
+
+    def test_threadOutlivesAnyFailure(self):
+        """
+        A transaction that raises even a L{BaseException} fails its waiters
+        with L{StoreError}; the thread goes on and the next commit works.
+        """
+        database = Database(self.path, self.clock, threaded=True)
+        self.addCleanup(database.close)
+        database.schema("CREATE TABLE t (x INTEGER)")
+        failures = []
+        real = databaseModule._transact
+        calls = []
+
+        def interrupted(connection, pending):
+            calls.append(1)
+            if len(calls) == 1:
+                raise KeyboardInterrupt()
+            return real(connection, pending)
+
+        self.patch(databaseModule, "_transact", interrupted)
+        database.write("INSERT INTO t VALUES (1)")
+        database.whenCommitted(None, lambda f: failures.append(f.value))
+        self.clock.advance(0)
+        self.clock.runFromThreads()
+        self.assertIsInstance(failures[0], StoreError)
+        database.write("INSERT INTO t VALUES (2)")
+        database.whenCommitted(lambda r: failures.append("ok"), None)
+        self.clock.advance(0)
+        self.clock.runFromThreads()
+        self.assertEqual(failures[1], "ok")
+        self.assertEqual(database.read("SELECT x FROM t"), [(2,)])
+
+    def test_flush(self):
+        """
+        L{Database.flush} waits for the commit under way, then commits the
+        rest before returning.
+        """
+        database = Database(self.path, self.clock, threaded=True)
+        self.addCleanup(database.close)
+        database.schema("CREATE TABLE t (x INTEGER)")
+        told = []
+        database.write("INSERT INTO t VALUES (1)")
+        database.whenCommitted(lambda r: told.append(1), None)
+        self.clock.advance(0)
+        database.write("INSERT INTO t VALUES (2)")
+        database.whenCommitted(lambda r: told.append(2), None)
+        database.flush()
+        self.assertEqual(told, [1, 2])
+        self.assertEqual(database.read("SELECT x FROM t ORDER BY x"), [(1,), (2,)])
+
+    def test_afterFork(self):
+        """
+        A threaded database made before a fork (as C{twistd} makes the
+        server, then forks to become a daemon) commits in the child: its
+        writer thread starts there.
+        """
+        script = FORK_SCRIPT.format(path=self.path)
+        done = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+        )
+        self.assertEqual(done.stdout.split(), ["child-committed", "parent-saw-1"], done.stderr)
+
+
+FORK_SCRIPT = """
+import os, sys
+from twisted.internet import reactor
+from imxd.store import Database
+database = Database({path!r}, reactor, threaded=True)
+database.schema("CREATE TABLE t (x INTEGER)")
+child = os.fork()
+if child == 0:
+    database.write("INSERT INTO t VALUES (1)")
+    def committed(result):
+        print("child-committed", flush=True)
+        reactor.stop()
+    database.whenCommitted(committed, lambda f: reactor.stop())
+    reactor.callLater(20, reactor.stop)
+    reactor.run()
+    database.close()
+    os._exit(0)
+os.waitpid(child, 0)
+print("parent-saw-" + str(database.read("SELECT COUNT(*) FROM t")[0][0]), flush=True)
+"""

@@ -81,10 +81,8 @@ class Database:
         self._closed = False
         self._writer = None
         self.threaded = threaded
-        if threaded:
-            if path == ":memory:":
-                raise StoreError("a database in memory cannot be written by another thread")
-            self._writer = _WriterThread(self, self._connect())
+        if threaded and path == ":memory:":
+            raise StoreError("a database in memory cannot be written by another thread")
         self.commits = 0
         self.writes = 0
 
@@ -197,10 +195,36 @@ class Database:
             for each in waiting:
                 each.callback(None)
             return
-        if self._writer is not None:
-            self._writer.start(pending, waiting)
+        if self.threaded:
+            self._writerThread().start(pending, waiting)
             return
         self.committedBy(pending, waiting, _transact(self._db, pending))
+
+    def _writerThread(self):
+        """
+        @return: the writer thread, started at the first commit of this
+            process: C{twistd} builds the server, then forks to become a
+            daemon, and threads do not survive a fork.
+        """
+        writer = self._writer
+        if writer is None or writer.pid != os.getpid():
+            writer = self._writer = _WriterThread(self, self._connect())
+        return writer
+
+    def flush(self):
+        """
+        Commit everything queued before returning: the commit under way on
+        the writer thread (if any) is waited for and told, then the rest
+        is committed on this thread.
+        """
+        writer = self._writer
+        if writer is not None and writer.busy and writer.pid == os.getpid():
+            writer.waitIdle()
+        threaded, self.threaded = self.threaded, False
+        try:
+            self.commit()
+        finally:
+            self.threaded = threaded
 
     def committedBy(self, pending, waiting, error):
         """
@@ -227,9 +251,10 @@ class Database:
         """
         if self._closed:
             return
-        if self._writer is not None:
-            writer, self._writer = self._writer, None
+        writer, self._writer = self._writer, None
+        if writer is not None and writer.pid == os.getpid():
             writer.stop()
+        self.threaded = False
         self.commit()
         self._closed = True
         self._db.close()
@@ -250,8 +275,11 @@ def _transact(connection, pending):
         # Not only sqlite3.Error: a value SQLite cannot take (a lone
         # surrogate, an integer too large) must not leave the
         # connection inside a transaction for good.
-        if connection.in_transaction:
-            connection.execute("ROLLBACK")
+        try:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
         return e
     return None
 
@@ -271,7 +299,9 @@ class _WriterThread:
         self._connection = connection
         self._jobs = queue.SimpleQueue()
         self._ended = None
+        self._idle = threading.Event()
         self.busy = False
+        self.pid = os.getpid()
         self._thread = threading.Thread(target=self._run, name="imxd-database-writer", daemon=True)
         self._thread.start()
 
@@ -280,6 +310,7 @@ class _WriterThread:
         Commit C{pending} on the thread, then tell C{waiting}.
         """
         self.busy = True
+        self._idle.clear()
         self._jobs.put((pending, waiting))
 
     def _run(self):
@@ -288,8 +319,20 @@ class _WriterThread:
             if job is None:
                 return
             pending, waiting = job
-            self._ended = (pending, waiting, _transact(self._connection, pending))
+            try:
+                error = _transact(self._connection, pending)
+            except BaseException as e:  # the thread must outlive any failure, or nothing commits again
+                error = e
+            self._ended = (pending, waiting, error)
+            self._idle.set()
             self._database.clock.callFromThread(self._tell)
+
+    def waitIdle(self):
+        """
+        Block until the transaction under way ended, and tell its end now.
+        """
+        self._idle.wait()
+        self._tell()
 
     def _tell(self):
         """

@@ -5,7 +5,7 @@ look-up.
 
 It is a chain of Bloom filters, one per generation of ids in the order
 they were received: a filter answers "certainly not seen" or "perhaps
-seen", and only "perhaps" (the ids really seen, and under 0.4 % of the
+seen", and only "perhaps" (the ids really seen, and about 0.4 % of the
 new ones per generation) costs a C{SELECT}.  A Bloom filter cannot forget one id, so the
 chain forgets a whole generation once every id in it is older than the
 dedupe window.
@@ -29,7 +29,7 @@ BITS_PER_ID = 16
 
 #: Bits set per id, all in one 64-bit word (a "blocked" Bloom filter: one
 #: word read per generation instead of one per bit).  With 16 bits per id
-#: this answers "perhaps" for under 0.4 % of new ids per generation.
+#: this answers "perhaps" for about 0.4 % of new ids per full generation.
 PROBES = 6
 
 

@@ -85,7 +85,7 @@ class SubscriptionStore(Stored):
         @return: the domain's L{StoredPresence}, including changes still
             queued (they are committed first).
         """
-        self.database.commit()
+        self.database.flush()
         read = self.database.read
         subscribers = read(
             "SELECT publisher, subscriber, state, expiry, requested, origin"
