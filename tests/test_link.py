@@ -13,6 +13,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from imxd.backend.link import (
+    AUTH_TIMEOUT,
     ENVELOPE_ROOM,
     MAX_AUTH_FAILURES,
     LinkBackend,
@@ -145,6 +146,23 @@ class ServerSideTests(SynchronousTestCase):
             self.assertEqual(refusal.code, ErrorCode.NOT_AUTHENTICATED)
         self.assertFalse(self.backend.connected())
         self.assertEqual(self.raw.factory.counters["link-auth-failures"], 2)
+
+    def test_authDeadline(self):
+        """
+        A connection that has not authenticated a domain within
+        L{AUTH_TIMEOUT} seconds is refused and closed (imxd's keepalive
+        would otherwise hold it open for good); one that has is kept.
+        """
+        self.raw.clock.advance(AUTH_TIMEOUT - 1)
+        self.assertIs(self.raw.server.state, PeerState.OPEN)
+        self.raw.clock.advance(1)
+        self.assertIs(self.raw.server.state, PeerState.CLOSED)
+        self.assertEqual(self.raw.server.closeReason.code, ErrorCode.NOT_AUTHENTICATED)
+        self.assertEqual(self.raw.factory.counters["link-auth-timeouts"], 1)
+        linked = Raw(self, [self.backend])
+        linked.ask(LinkAuth(domain="a.test", secret=SECRET))
+        linked.clock.advance(2 * AUTH_TIMEOUT)
+        self.assertIs(linked.server.state, PeerState.OPEN)
 
     def test_tooManyFailures(self):
         """

@@ -73,6 +73,12 @@ MAX_HELD = 100_000
 #: Failed LINK_AUTH attempts after which a connection is closed.
 MAX_AUTH_FAILURES = 3
 
+#: Seconds a link connection has, from connecting, to authenticate its
+#: first domain; one that has not is refused and closed, so that a
+#: stranger cannot hold link connections open (imxd's keepalive would
+#: otherwise keep them alive for good).
+AUTH_TIMEOUT = 30.0
+
 #: Seconds a sending server is asked to wait while a link is down.
 RETRY_WHILE_DOWN = 5
 
@@ -409,11 +415,31 @@ class LinkServerProtocol(PeerProtocol):
         super().__init__(factory, originator)
         self.domains: set[str] = set()
         self._authFailures = 0
+        self._authTimer = None
+
+    def connectionMade(self):
+        """
+        Start the clock for L{AUTH_TIMEOUT}.
+        """
+        super().connectionMade()
+        self._authTimer = self.clock.callLater(AUTH_TIMEOUT, self._authTimedOut)
+
+    def _authTimedOut(self):
+        self._authTimer = None
+        if not self.domains:
+            self.factory.count("link-auth-timeouts")
+            self._refuse(
+                ErrorCode.NOT_AUTHENTICATED,
+                f"no domain authenticated within {AUTH_TIMEOUT:g} s",
+            )
 
     def connectionLost(self, reason):
         """
         The domains it served have no link now.
         """
+        if self._authTimer is not None and self._authTimer.active():
+            self._authTimer.cancel()
+        self._authTimer = None
         for domain in self.domains:
             self.factory.backends[domain].detach(self)
         self.domains = set()
@@ -452,6 +478,9 @@ class LinkServerProtocol(PeerProtocol):
             )
             return
         self.domains.add(domain)
+        if self._authTimer is not None and self._authTimer.active():
+            self._authTimer.cancel()
+        self._authTimer = None
         self.factory.count("link-authentications")
         self.log.info(
             "link {peer} serves {domain}", peer=self._peerName(), domain=domain
