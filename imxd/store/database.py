@@ -159,7 +159,7 @@ class Database:
 
         @return: C{waiting}.
         """
-        if self._pending or (self._writer is not None and self._writer.busy):
+        if self._pending or self._commitUnderWay():
             self._waiting.append(waiting)
             self._schedule()
         else:
@@ -170,16 +170,30 @@ class Database:
         if self._call is None:
             self._call = self.clock.callLater(0, self.commit)
 
+    def _commitUnderWay(self):
+        """
+        @return: whether this process's writer thread is running a
+            transaction.
+        """
+        writer = self._writer
+        return writer is not None and writer.busy and writer.pid == os.getpid()
+
     def commit(self):
         """
         Commit everything queued, in one transaction, and tell those
         waiting for it (threaded: start that commit, unless one is under
         way, after which the next starts).
         """
+        self._commit(self.threaded)
+
+    def _commit(self, onThread):
+        """
+        L{commit}, on the writer thread or on this one.
+        """
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
-        if self._writer is not None and self._writer.busy:
+        if self._commitUnderWay():
             return
         pending, self._pending = self._pending, []
         waiting, self._waiting = self._waiting, []
@@ -195,7 +209,7 @@ class Database:
             for each in waiting:
                 each.callback(None)
             return
-        if self.threaded:
+        if onThread:
             self._writerThread().start(pending, waiting)
             return
         self.committedBy(pending, waiting, _transact(self._db, pending))
@@ -217,14 +231,9 @@ class Database:
         the writer thread (if any) is waited for and told, then the rest
         is committed on this thread.
         """
-        writer = self._writer
-        if writer is not None and writer.busy and writer.pid == os.getpid():
-            writer.waitIdle()
-        threaded, self.threaded = self.threaded, False
-        try:
-            self.commit()
-        finally:
-            self.threaded = threaded
+        if self._commitUnderWay():
+            self._writer.waitIdle()
+        self._commit(onThread=False)
 
     def committedBy(self, pending, waiting, error):
         """
@@ -254,8 +263,7 @@ class Database:
         writer, self._writer = self._writer, None
         if writer is not None and writer.pid == os.getpid():
             writer.stop()
-        self.threaded = False
-        self.commit()
+        self._commit(onThread=False)
         self._closed = True
         self._db.close()
 

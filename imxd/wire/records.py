@@ -589,7 +589,7 @@ def encodeRecord(record, tag=None):
     body = record._wire
     if body is None:
         body = encodeBody(record)
-        _set(record, "_wire", body)
+        _setWire(record, body)
     return encodeFrame(record.TYPE, flags, tag, body)
 
 
@@ -602,12 +602,11 @@ def withTag(record, tag):
     copy = _new(type(record))
     for name, setter in record._SETTERS.items():
         setter(copy, getattr(record, name))
-    _set(copy, "tag", tag)
+    _setTag(copy, tag)
     return copy
 
 
 _new = object.__new__
-_set = object.__setattr__
 _setTag = Record.tag.__set__
 _setResponse = Record.response.__set__
 _setMustUnderstand = Record.mustUnderstand.__set__
