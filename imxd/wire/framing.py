@@ -6,6 +6,7 @@ decoder that cuts a byte stream into frames.  Pure: no I/O, no clock.
 import struct
 from typing import NamedTuple
 
+from imxd.wire.accelerator import speedups
 from imxd.wire.constants import PREAMBLE
 from imxd.wire.errors import NotIMX, RecordTooLarge
 
@@ -78,10 +79,14 @@ class FrameDecoder:
             data = self._checkPreamble(data)
         buffer = self._buffer
         buffer += data
-        frames = []
-        offset = 0
-        end = len(buffer)
         limit = self.maxRecordSize
+        if speedups is None:
+            frames = []
+            offset = 0
+        else:
+            # The complete records in C; what stops it is looked at below.
+            frames, offset = speedups.splitFrames(Frame, buffer, limit)
+        end = len(buffer)
         while end - offset >= HEADER_SIZE:
             length, recordType, flags, tag = HEADER.unpack_from(buffer, offset)
             if length > limit:

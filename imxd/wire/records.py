@@ -9,6 +9,7 @@ schema.
 
 import attrs
 
+from imxd.wire.accelerator import speedups
 from imxd.wire.constants import FIELD_KINDS, FIELD_LENGTHS, Field, FieldKind, Flag, RecordType
 from imxd.wire.errors import EncodeError, MalformedRecord, MustUnderstand
 from imxd.wire.fields import (
@@ -21,6 +22,7 @@ from imxd.wire.fields import (
 from imxd.wire.framing import Frame, FrameDecoder, encodeFrame
 
 _WIRE = "imxd.wire"
+
 
 #: Record classes by type number.
 RECORD_CLASSES = {}
@@ -82,6 +84,8 @@ class Record:
     TYPE = None
     ALWAYS_RESPONSE = False
     FIELDS = ()
+    #: The accelerator's schema of the class (L{fastCodecOf}), or L{None}.
+    _FAST = None
 
     tag: int = 0
     response: bool = False
@@ -139,6 +143,36 @@ def _codecsOf(specs):
 
 
 
+#: Field kinds as the accelerator numbers them.
+_KIND_NUMBERS = {
+    FieldKind.STRING: 0,
+    FieldKind.BYTES: 1,
+    FieldKind.U16: 2,
+    FieldKind.U32: 3,
+    FieldKind.TAGS: 4,
+}
+
+
+def fastCodecOf(cls, accelerator=None):
+    """
+    @param accelerator: the C module, by default L{speedups}.
+    @return: the accelerator's C{Schema} of a record class (its
+        C{decode(flags, tag, body)} and C{encode(record)} answer L{None}
+        for anything but a valid record), or L{None} without the
+        accelerator.
+    """
+    accelerator = accelerator or speedups
+    if accelerator is None:
+        return None
+    fields = tuple(
+        (spec.attribute, int(spec.field), _KIND_NUMBERS[spec.kind])
+        + (spec.lengths or _ANY_LENGTH)
+        + (spec.repeated, spec.required)
+        for spec in cls.FIELDS
+    )
+    return accelerator.Schema(cls, fields, cls.ALWAYS_RESPONSE)
+
+
 def record(recordType, alwaysResponse=False):
     """
     Class decorator: make an attrs record class for C{recordType} and
@@ -169,6 +203,7 @@ def record(recordType, alwaysResponse=False):
         )
         cls._ENCODERS, cls._DECODERS = _codecsOf(specs)
         cls._REQUIRED = tuple(spec for spec in specs if spec.required)
+        cls._FAST = fastCodecOf(cls)
         RECORD_CLASSES[recordType] = cls
         return cls
 
@@ -577,6 +612,19 @@ def encodeRecord(record, tag=None):
     @return: the bytes to write.
     @raise EncodeError: the record cannot be encoded.
     """
+    fast = record._FAST
+    if fast is not None:
+        data = fast.frame(record, tag)
+        if data is not None:
+            return data
+    return encodeReference(record, tag)
+
+
+def encodeReference(record, tag=None):
+    """
+    L{encodeRecord} in Python alone: the reference that the accelerator
+    must agree with, and the path of every record it declines.
+    """
     if tag is None:
         tag = record.tag
     if not 0 <= tag <= 0xFFFFFFFF:
@@ -625,6 +673,20 @@ def decodeRecord(frame):
     @return: a L{Record}.
     @raise MalformedRecord: the body breaks the encoding rules.
     @raise MustUnderstand: it holds an unknown must-understand field.
+    """
+    recordType, flags, tag, body = frame
+    cls = RECORD_CLASSES.get(recordType)
+    if cls is not None and cls._FAST is not None:
+        decoded = cls._FAST.decode(flags, tag, body)
+        if decoded is not None:
+            return decoded
+    return decodeReference(frame)
+
+
+def decodeReference(frame):
+    """
+    L{decodeRecord} in Python alone: the reference that the accelerator
+    must agree with, and the path of every record it declines.
     """
     recordType, flags, tag, body = frame
     response = bool(flags & _RESPONSE)
