@@ -188,6 +188,15 @@ class Server:
                 raise RuntimeError(f"{e}:\n{f.read()[-2000:]}") from None
         return startup
 
+    def status(self):
+        """
+        @return: the server's C{imxctl status} lines, as a dict.
+        """
+        command = [os.path.join(os.path.dirname(PYTHON), "imxctl"), "--socket",
+                   os.path.join(self.directory, "state", "admin.sock"), "status"]
+        out = subprocess.run(command, capture_output=True, text=True, timeout=WAIT).stdout
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
     def stop(self):
         """
         Stop the process by its PID (TERM, then KILL).
@@ -275,6 +284,10 @@ def messageScenarios(scenarios, modes):
         for mode in modes:
             with Pair(tls=mode == "tls") as pair:
                 figures = pair.load(kind, spec)
+                # Messages whose answer came before imxd A's grouped commit
+                # was put together: never written to its queue.
+                status = pair.a.status()
+                figures["never_written"] = int(status.get("queue-never-written", -1))
             figures.update(scenario=label, transport=mode)
             results.append(figures)
             print(_row(figures), flush=True)

@@ -151,6 +151,10 @@ class QueueConfig:
     @ivar maxQueued: messages held at most; more are refused for now.
     @ivar dedupeWindow: seconds a received MESSAGE_ID is remembered, at
         least C{giveUpAfter}.
+    @ivar writeBehind: seconds a message accepted from a backend may wait
+        to be written to the queue while its answer is awaited (it is sent
+        at once; one answered in that time is never written); 0 writes
+        with the next turn's commit.
     """
 
     durability: str = "full"
@@ -160,6 +164,7 @@ class QueueConfig:
     window: int = 1000
     maxQueued: int = 1000000
     dedupeWindow: float = 172800.0
+    writeBehind: float = 0.005
 
 
 @attrs.frozen
@@ -611,6 +616,21 @@ def _positiveNumber(value: Any, where: _Where) -> float:
     return float(value)
 
 
+def _delay(maximum: float) -> _Checker:
+    """
+    @return: a checker of a number of seconds from 0 to C{maximum}.
+    """
+
+    def check(value: Any, where: _Where) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise where.error(f"expected a number of seconds, got {_describe(value)}")
+        if not (math.isfinite(value) and 0 <= value <= maximum):
+            raise where.error(f"must be from 0 to {maximum:g} seconds, got {value}")
+        return float(value)
+
+    return check
+
+
 def _oneOf(*choices: str) -> _Checker:
     """
     @return: a checker of a string that is one of C{choices}.
@@ -905,6 +925,7 @@ _QUEUE = _table(
     _Key("window", "window", _integer(1, 100000), 1000),
     _Key("max_queued", "maxQueued", _integer(1), 1000000),
     _Key("dedupe_window", "dedupeWindow", _positiveNumber, 172800.0),
+    _Key("write_behind", "writeBehind", _delay(1.0), 0.005),
     finish=_finishQueue,
 )
 

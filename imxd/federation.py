@@ -801,7 +801,11 @@ class Federation(PeerFactory):
             limits.maxRequestsInProgress,
         )
         self.outbox = Outbox(
-            OutboundStore(self.database), clock, self.router.transmitThen, self._report, queue
+            OutboundStore(self.database, queue.writeBehind),
+            clock,
+            self.router.transmitThen,
+            self._report,
+            queue,
         )
         self.router.outbox = self.outbox
         self.domainRate = RateLimiter(

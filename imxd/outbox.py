@@ -1,13 +1,17 @@
 """
 The outbox: durable delivery of the messages hosted domains send.
 
-A message accepted from a backend is written to the durable queue
-(L{imxd.store.interfaces.IOutboundStore}) before the backend hears that it
-was accepted.  It leaves the queue when the receiving server (or, for a
-domain hosted here, its backend) acknowledges it, or when it is given up:
-refused permanently, or not delivered within C{give_up_after}.  Either way
-the sending domain's backend then gets a delivery report
-(L{imxd.backend.interfaces.IBackend.deliveryReport}).
+A message submitted by a backend is sent at once and written to the
+durable queue (L{imxd.store.interfaces.IOutboundStore}) with the next
+grouped commit; the backend hears that it was accepted when that commit
+is done, or sooner when the message's outcome comes first.  It leaves the
+queue when the receiving server (or, for a domain hosted here, its
+backend) acknowledges it, or when it is given up: refused permanently, or
+not delivered within C{give_up_after}.  Either way the sending domain's
+backend then gets a delivery report
+(L{imxd.backend.interfaces.IBackend.deliveryReport}).  A message whose
+outcome comes before its commit is put together is never written at all:
+under load most are not, and the database writes only what waits.
 
 Each destination domain has its own L{DestinationQueue}: at most C{window}
 messages in flight, sent in the order accepted.  When the destination cannot
@@ -111,7 +115,9 @@ class Outbox:
     delivered or given up.
 
     @ivar depth: messages held.
-    @ivar counters: C{delivered}, C{failed}, C{given-up}, C{retries}.
+    @ivar counters: C{delivered}, C{failed}, C{given-up}, C{retries},
+        C{never-written} (messages that ended before their commit was put
+        together).
     """
 
     log = Logger()
@@ -141,6 +147,8 @@ class Outbox:
         self.counters = collections.Counter()
         self.stopped = True
         self._sweeper = None
+        self._reportsDue = []
+        self._reportCall = None
 
     # -- life -----------------------------------------------------------------
 
@@ -212,22 +220,40 @@ class Outbox:
             return
         entry = self.store.add(origin, remote, record, self.clock.seconds())
         self.depth += 1
-        waiting = (entry, onAccepted, onFailure, args)
-        self.store.whenCommitted(self._accepted, self._notStored, waiting)
-
-    def _accepted(self, _, waiting):
-        entry, onAccepted, _onFailure, args = waiting
-        queue = self._queue(entry.remote)
+        entry.acceptance = (onAccepted, onFailure, args)
+        self.store.whenCommitted(self._stored, self._notStored, entry)
+        queue = self._queue(remote)
         queue.waiting.append(entry)
-        try:
-            self._pump(queue)
-        finally:
-            # Queued durably: accepted, whatever sending it now did.
+        self._pump(queue)
+
+    def _stored(self, _, entry):
+        """
+        The message is queued durably: accepted, unless its outcome already
+        said so.
+        """
+        self._accept(entry)
+
+    def _accept(self, entry):
+        """
+        Tell the backend that submitted C{entry} that it is accepted (once).
+        """
+        acceptance, entry.acceptance = entry.acceptance, None
+        if acceptance is not None:
+            onAccepted, _onFailure, args = acceptance
             onAccepted(None, *args)
 
-    def _notStored(self, failure, waiting):
-        _entry, _onAccepted, onFailure, args = waiting
-        self.depth -= 1
+    def _notStored(self, failure, entry):
+        """
+        The commit that was to keep the message failed: unless its outcome
+        came first, its sender hears that it could not be queued, sends it
+        again, and hears nothing more of this copy (which is still sent; a
+        receiving server drops the second copy by its MESSAGE_ID).
+        """
+        acceptance, entry.acceptance = entry.acceptance, None
+        if acceptance is None:
+            return
+        entry.reported = False
+        _onAccepted, onFailure, args = acceptance
         refusal = Refused(
             ErrorCode.TEMPORARY_FAILURE, f"the message could not be queued: {failure.value}"
         )
@@ -308,13 +334,38 @@ class Outbox:
 
     def _finish(self, entry, refusal):
         """
-        The message leaves the queue: forget it, and tell its sender once
-        that is durable (so that a restart cannot send and report it
-        again), always on a later turn than its acceptance.
+        The message leaves the queue: forget it, and tell its sender,
+        accepted first if its commit has not come yet.  A message that was
+        written is reported once its removal is durable too (so that a
+        restart cannot send and report it again); one never written, at
+        once.
         """
-        self.store.remove(entry.seq)
+        written = self.store.remove(entry.seq)
         self.depth -= 1
-        self.store.whenCommitted(self._report, self._report, entry, refusal)
+        try:
+            self._accept(entry)
+        except Exception:
+            self.log.failure("outbox: accepting {id} failed", id=entry.record.messageId)
+        if not entry.reported:
+            return
+        if written:
+            self.store.whenCommitted(self._report, self._report, entry, refusal)
+            return
+        self.counters["never-written"] += 1
+        # Never on the turn it was accepted in: a backend that submitted it
+        # hears "accepted" first, however soon the answer came.
+        self._reportsDue.append((entry, refusal))
+        if self._reportCall is None:
+            self._reportCall = self.clock.callLater(0, self._reportDue)
+
+    def _reportDue(self):
+        """
+        Report the messages that ended before they were written.
+        """
+        self._reportCall = None
+        due, self._reportsDue = self._reportsDue, []
+        for entry, refusal in due:
+            self._report(None, entry, refusal)
 
     def _report(self, _, entry, refusal):
         try:
@@ -472,7 +523,7 @@ class Outbox:
         now = self.clock.seconds()
         lines = [("queue-depth", str(self.depth))]
         lines += [(f"queue-{name}", str(self.counters[name]))
-                  for name in ("delivered", "failed", "given-up", "retries")]
+                  for name in ("delivered", "failed", "given-up", "retries", "never-written")]
         for remote in sorted(self.queues):
             queue = self.queues[remote]
             entries = queue.entries()

@@ -257,6 +257,8 @@ class PeerProtocol(Protocol):
         self._announced = ()
         self._pausedFor = set()
         self._acks = []
+        # Requests written while ACKs are gathered: sent after those ACKs.
+        self._behindAcks = []
         self._reading = False
         self._ackCall = None
         self._requestTimer = None
@@ -852,10 +854,14 @@ class PeerProtocol(Protocol):
                 self._ackCall.cancel()
             self._ackCall = None
         acks, self._acks = self._acks, []
+        behind, self._behindAcks = self._behindAcks, []
         if self.state is PeerState.CLOSED or not acks:
             return
+        write = self.transport.write
         for start in range(0, len(acks), ACK_BATCH):
-            self.sendRecord(Ack(tags=tuple(acks[start : start + ACK_BATCH])))
+            write(encodeRecord(Ack(tags=tuple(acks[start : start + ACK_BATCH]))))
+        for data in behind:
+            write(data)
 
     def answer(self, result, request):
         """
@@ -915,7 +921,12 @@ class PeerProtocol(Protocol):
                 f"{type(record).__name__} of {len(data) - 12} bytes exceeds the "
                 f"peer's limit of {self.sendLimit}"
             )
-        self.transport.write(data)
+        if self._acks and not record.response and (record.tag if tag is None else tag):
+            # A request never overtakes the ACKs gathered before it (a
+            # REPORT must not arrive before the ACK of its MESSAGE).
+            self._behindAcks.append(data)
+        else:
+            self.transport.write(data)
 
     def request(self, record):
         """

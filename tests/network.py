@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import itertools
 
+import attrs
+
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionRefusedError
@@ -23,7 +25,7 @@ from twisted.test import iosim
 from zope.interface import alsoProvides
 
 from imxd.aggregator import Aggregator
-from imxd.config import LimitsConfig, parseConfig
+from imxd.config import LimitsConfig, QueueConfig, parseConfig
 from imxd.dialback import DialbackSecrets, DialbackTokens
 from imxd.discovery import Discovery
 from imxd.federation import Federation
@@ -150,6 +152,7 @@ class Network:
         queue=None,
         connect=None,
         randomness=None,
+        writeBehind=0.0,
         **timeouts,
     ):
         """
@@ -165,6 +168,9 @@ class Network:
             defaults.
         @param connect: the pool's connector, or L{None} for the network's.
         @param randomness: the outbox's jitter source, or L{None}.
+        @param writeBehind: the queue's C{write_behind}, whatever C{queue}
+            says: by default 0, so that a message submitted is written with
+            the clock's next 0-delay call, as most tests expect.
         @return: its L{Federation}.
         """
         tables = [d if isinstance(d, dict) else {"name": d, "backend": "memory"} for d in domains]
@@ -189,7 +195,7 @@ class Network:
             dialbackTimeout=timeouts.get("dialback", 15.0),
             tls=tls,
             database=database,
-            queue=queue,
+            queue=attrs.evolve(queue or QueueConfig(), writeBehind=writeBehind),
         )
         if randomness is not None:
             federation.outbox.random = randomness

@@ -408,6 +408,21 @@ class InvalidConfigTests(ConfigTestsMixin, SynchronousTestCase):
         data["peer"] = [{"domain": "p.test", "host": "127.0.0.5", "port": 70000}]
         self.assertConfigError(data, "peer[0].port", "65535")
 
+    def test_writeBehind(self) -> None:
+        """
+        C{server.queue.write_behind} is 5 ms unless set, may be 0, and is
+        refused outside 0 to 1 second or when not a number.
+        """
+        self.assertEqual(self.parse(minimal()).server.queue.writeBehind, 0.005)
+        self.assertEqual(self.parse(minimal(queue={"write_behind": 0})).server.queue.writeBehind, 0.0)
+        for bad in (-0.001, 1.5, float("nan")):
+            self.assertConfigError(
+                minimal(queue={"write_behind": bad}), "server.queue.write_behind", "0 to 1"
+            )
+        self.assertConfigError(
+            minimal(queue={"write_behind": True}), "server.queue.write_behind", "number of seconds"
+        )
+
     def test_badOneOf(self) -> None:
         """
         C{tls} must be one of its three values.

@@ -1,5 +1,6 @@
 """
-Tests for L{imxd.store.Database} committing on a thread of its own.
+Tests for L{imxd.store.Database}: committing on a thread of its own, and
+writes that may be called off until their commit is put together.
 """
 
 import queue
@@ -10,9 +11,11 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from imxd.router import Router
-from imxd.store import Database, SeenStore, StoreError
+from imxd.store import Database, OutboundStore, SeenStore, StoreError
 from imxd.store import database as databaseModule
 from imxd.store.seen import PRUNE_CHUNK
+from imxd.wire import EncodeError
+from tests.network import message
 
 #: Seconds a test waits for the writer thread at most.
 WAIT = 10.0
@@ -274,3 +277,114 @@ if child == 0:
 os.waitpid(child, 0)
 print("parent-saw-" + str(database.read("SELECT COUNT(*) FROM t")[0][0]), flush=True)
 """
+
+
+class WriteLaterTests(SynchronousTestCase):
+    """
+    Writes queued with L{Database.writeLater} are asked for when the next
+    transaction is put together, which may wait for them.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.database = Database(":memory:", self.clock)
+        self.database.schema("CREATE TABLE t (x INTEGER)")
+        self.rows = []
+
+    def provider(self):
+        rows, self.rows = self.rows, []
+        return [("INSERT INTO t VALUES (?)", [(x,) for x in rows])]
+
+    def values(self):
+        return [x for (x,) in self.database.read("SELECT x FROM t ORDER BY x")]
+
+    def test_askedWhenPutTogether(self):
+        """
+        The provider is asked when the commit is put together, so what it
+        holds then is written, and what it dropped before is not.
+        """
+        self.rows = [1, 2, 3]
+        self.database.writeLater(self.provider)
+        self.rows.remove(2)
+        self.rows.append(4)
+        self.clock.advance(0)
+        self.assertEqual(self.values(), [1, 3, 4])
+
+    def test_delay(self):
+        """
+        The commit waits C{delay} for the provider's writes, and those
+        waiting for it are told then.
+        """
+        self.rows = [1]
+        self.database.writeLater(self.provider, 0.005)
+        committed = self.database.committed()
+        self.clock.advance(0.004)
+        self.assertNoResult(committed)
+        self.assertEqual(self.values(), [])
+        self.clock.advance(0.001)
+        self.successResultOf(committed)
+        self.assertEqual(self.values(), [1])
+
+    def test_otherWritesComeSooner(self):
+        """
+        A plain write queued meanwhile brings the commit forward, with the
+        provider's writes in it.
+        """
+        self.rows = [1]
+        self.database.writeLater(self.provider, 0.005)
+        self.clock.advance(0.001)
+        self.database.write("INSERT INTO t VALUES (?)", (2,))
+        self.clock.advance(0)
+        self.assertEqual(self.values(), [1, 2])
+
+    def test_nothingLeft(self):
+        """
+        When the provider has nothing left to write, no transaction is run
+        and those waiting are told at once.
+        """
+        self.database.writeLater(self.provider, 0.005)
+        committed = self.database.committed()
+        self.clock.advance(0.005)
+        self.successResultOf(committed)
+        self.assertEqual(self.database.commits, 0)
+
+
+class OutboundStoreWriteBehindTests(SynchronousTestCase):
+    """
+    L{OutboundStore} writes a message only if it is still there when its
+    commit is put together.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.database = Database(":memory:", self.clock)
+        self.store = OutboundStore(self.database, writeBehind=0.005)
+
+    def add(self, messageId):
+        return self.store.add("a.test", "b.test", message("alice@a.test", "bob@b.test", messageId), 0.0)
+
+    def test_removedBeforeWritten(self):
+        """
+        A message removed within C{writeBehind} is never written: its
+        removal is nothing to wait for; one written is deleted with a
+        commit that waits C{writeBehind} too.
+        """
+        first, second = self.add("m1"), self.add("m2")
+        self.assertFalse(self.store.remove(first.seq))
+        self.clock.advance(0.005)
+        self.assertEqual([e.record.messageId for e in self.store.load()], ["m2"])
+        self.assertEqual(self.database.writes, 1)
+        self.assertTrue(self.store.remove(second.seq))
+        self.clock.advance(0.004)
+        self.assertEqual(len(self.store.load()), 1)
+        self.clock.advance(0.001)
+        self.assertEqual(self.store.load(), [])
+
+    def test_unencodableRefusedAtOnce(self):
+        """
+        A message that cannot be encoded is refused when added, not when
+        its commit is put together.
+        """
+        self.assertRaises(EncodeError, self.add, "x" * 200)
+        self.clock.advance(0.005)
+        self.assertEqual(self.store.load(), [])

@@ -165,17 +165,18 @@ class AcceptanceTests(NetworkMixin, SynchronousTestCase):
     A message is accepted only once it is durable.
     """
 
-    def test_acceptedOnlyAfterCommit(self):
+    def test_acceptedOnceCommitted(self):
         """
-        C{sendMessage}'s Deferred has no result until the grouped commit
-        (the clock's 0-delay call) has run; then the message is a row of
-        the database.
+        A message is sent at once, but C{sendMessage}'s Deferred has no
+        result until the grouped commit (the clock's 0-delay call) has run
+        (with no answer from the receiver meanwhile); then the message is a
+        row of the database.
         """
         record = message("alice@a.test", "bob@b.test", "m1")
         sent = self.send(record, flush=False)
         self.assertNoResult(sent)
         self.assertEqual(rows(self.a), [])
-        self.assertEqual(self.connector.attempts, [])
+        self.assertEqual(self.connector.attempts, [0.0])
         self.clock.advance(0)
         self.assertIsNone(self.successResultOf(sent))
         self.assertEqual(len(rows(self.a)), 1)
@@ -183,24 +184,53 @@ class AcceptanceTests(NetworkMixin, SynchronousTestCase):
         self.assertEqual(stored.record, record)
         self.assertEqual((stored.origin, stored.remote), ("a.test", "b.test"))
 
+    def test_deliveredBeforeCommitNeverWritten(self):
+        """
+        With C{write_behind}, a message the receiver acknowledges before
+        the sender's commit is put together is accepted, reported and never
+        written: the sender's database commits nothing for it.
+        """
+        self.startB()
+        c = makeServer(self.network, C, ["c.test"], writeBehind=0.005)
+        first = message("carol@c.test", "bob@b.test", "m1")
+        accepted = c.aggregator.domain("c.test").sendMessage(first)
+        self.network.advance(1, step=0.1)
+        self.successResultOf(accepted)
+        before = c.database.writes
+        record = message("carol@c.test", "bob@b.test", "m2")
+        sent = c.aggregator.domain("c.test").sendMessage(record)
+        self.network.flush()
+        self.assertIsNone(self.successResultOf(sent))
+        self.assertEqual(backendOf(self.b, "b.test").messages, [first, record])
+        self.assertEqual(backendOf(c, "c.test").reports, [(first, None), (record, None)])
+        self.assertEqual(c.database.writes, before)
+        self.assertEqual(dict(c.status())["queue-never-written"], "1")
+        self.assertEqual(rows(c), [])
+
     def test_commitFails(self):
         """
-        When the commit fails, the send fails with a temporary refusal, the
-        message is not in the database, and it is never sent or reported.
+        When the commit fails, the send fails with a temporary refusal and
+        the message is not in the database; the copy already under way is
+        still delivered, without a report, and the copy the sender sends
+        again is acknowledged and reported but not delivered twice.
         """
         self.a.database._db.execute("PRAGMA query_only = ON")
-        sent = self.send(message("alice@a.test", "bob@b.test", "m1"))
+        record = message("alice@a.test", "bob@b.test", "m1")
+        sent = self.send(record)
         refusal = self.failureResultOf(sent, Refused).value
         self.assertTrue(refusal.temporary)
         self.assertEqual(refusal.code, ErrorCode.TEMPORARY_FAILURE)
         self.a.database._db.execute("PRAGMA query_only = OFF")
         self.assertEqual(rows(self.a), [])
-        self.assertEqual(self.a.outbox.depth, 0)
         self.startB()
         self.network.advance(200, step=10)
-        self.assertEqual(self.connector.attempts, [])
-        self.assertEqual(backendOf(self.b, "b.test").messages, [])
+        self.assertEqual(backendOf(self.b, "b.test").messages, [record])
         self.assertEqual(backendOf(self.a, "a.test").reports, [])
+        self.assertEqual(self.a.outbox.depth, 0)
+        self.assertIsNone(self.successResultOf(self.send(record)))
+        self.network.flush()
+        self.assertEqual(backendOf(self.b, "b.test").messages, [record])
+        self.assertEqual(backendOf(self.a, "a.test").reports, [(record, None)])
         self.flushLoggedErrors()
 
     def test_commitFailsOnClosedDatabase(self):
@@ -941,19 +971,57 @@ class OutboxTests(SynchronousTestCase):
         self.clock.advance(0)
         return [e.record.messageId for e in self.store.load()]
 
-    def test_durableBeforeAccepted(self):
+    def test_sentAtOnceAcceptedWhenCommitted(self):
         """
-        C{submit} fires once the message is committed, and only then is it
-        sent.
+        C{submit} sends the message at once and fires once it is committed.
         """
         sent = self.submit("m1", commit=False)
         self.assertNoResult(sent)
-        self.assertEqual(self.transmit.calls, [])
+        self.assertEqual(self.transmit.sent(), [("b.test", "m1")])
         self.assertEqual(self.store.load(), [])
         self.clock.advance(0)
         self.assertIsNone(self.successResultOf(sent))
         self.assertEqual([e.record.messageId for e in self.store.load()], ["m1"])
-        self.assertEqual(self.transmit.sent(), [("b.test", "m1")])
+
+    def test_answeredBeforeCommit(self):
+        """
+        A message answered before its commit is accepted at once, reported
+        on a later turn, and never written.
+        """
+        sent = self.submit("m1", commit=False)
+        self.transmit.answer(0, None)
+        self.assertIsNone(self.successResultOf(sent))
+        self.assertEqual(self.reports, [])
+        self.clock.advance(0)
+        self.assertEqual(self.reports, [("m1", None)])
+        self.assertEqual(self.database.writes, 0)
+        self.assertEqual(self.outbox.depth, 0)
+
+    def test_refusedBeforeCommit(self):
+        """
+        A message refused for good before its commit is accepted, then
+        reported refused, and never written.
+        """
+        sent = self.submit("m1", commit=False)
+        self.transmit.answer(0, Refused(ErrorCode.UNKNOWN_USER, "no such user"))
+        self.assertIsNone(self.successResultOf(sent))
+        self.clock.advance(0)
+        [(messageId, refusal)] = self.reports
+        self.assertEqual((messageId, refusal.code), ("m1", ErrorCode.UNKNOWN_USER))
+        self.assertEqual(self.stored(), [])
+
+    def test_answeredWhileWritten(self):
+        """
+        A message answered after its commit started is removed with the
+        next commit and reported only then.
+        """
+        sent = self.submit("m1")
+        self.successResultOf(sent)
+        self.transmit.answer(0, None)
+        self.assertEqual(self.reports, [])
+        self.clock.advance(0)
+        self.assertEqual(self.reports, [("m1", None)])
+        self.assertEqual(self.stored(), [])
 
     def test_groupedCommit(self):
         """
@@ -969,7 +1037,7 @@ class OutboxTests(SynchronousTestCase):
     def test_commitFailure(self):
         """
         A failed commit fails every submit waiting for it with a temporary
-        refusal; nothing is sent.
+        refusal; the messages already sent are not reported when answered.
         """
         self.database._db.execute("PRAGMA query_only = ON")
         sent = [self.submit(f"m{n}", commit=False) for n in range(2)]
@@ -977,9 +1045,12 @@ class OutboxTests(SynchronousTestCase):
         for each in sent:
             refusal = self.failureResultOf(each, Refused).value
             self.assertEqual(refusal.code, ErrorCode.TEMPORARY_FAILURE)
-        self.assertEqual(self.outbox.depth, 0)
-        self.assertEqual(self.transmit.calls, [])
+        self.assertEqual(self.transmit.sent(), [("b.test", "m0"), ("b.test", "m1")])
         self.database._db.execute("PRAGMA query_only = OFF")
+        self.answer(0)
+        self.answer(1)
+        self.assertEqual(self.reports, [])
+        self.assertEqual(self.outbox.depth, 0)
         self.assertEqual(self.stored(), [])
 
     def test_window(self):

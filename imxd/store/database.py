@@ -27,6 +27,19 @@ from imxd.callbacks import Callbacks
 #: killed, not a power loss or a kernel crash).
 DURABILITY_MODES = {"full": "FULL", "normal": "NORMAL"}
 
+#: This process's id, kept up to date across forks (C{os.getpid} is a
+#: system call, and L{Database} asks on every commit whether its writer
+#: thread belongs to this process).
+_processId = os.getpid()
+
+
+def _forked():
+    global _processId
+    _processId = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
 #: How long a connection waits for another's lock (the writer thread's
 #: transaction, a checkpoint) before giving up, in milliseconds.
 BUSY_TIMEOUT_MS = 10_000
@@ -78,6 +91,7 @@ class Database:
         self._pending = []
         self._waiting = []
         self._call = None
+        self._lateCall = None
         self._closed = False
         self._writer = None
         self.threaded = threaded
@@ -123,12 +137,18 @@ class Database:
         """
         return iter(self._db.execute(sql, parameters))
 
-    def write(self, sql, parameters=()):
+    def write(self, sql, parameters=(), delay=0.0):
         """
         Queue one statement for the next grouped commit.
+
+        @param delay: seconds that commit may wait for more, unless other
+            writes want it sooner.
         """
         self._pending.append((sql, parameters))
-        self._schedule()
+        if delay:
+            self._scheduleLate(delay)
+        else:
+            self._schedule()
 
     def writeMany(self, sql, sequence):
         """
@@ -136,6 +156,22 @@ class Database:
         """
         self._pending.append((sql, sequence, True))
         self._schedule()
+
+    def writeLater(self, provider, delay=0.0):
+        """
+        Queue writes that may still be called off: C{provider()} is called
+        on this thread when the next transaction is put together, and
+        returns the C{(sql, rows)} pairs to run then, each statement once
+        for every parameter tuple of its C{rows}.
+
+        @param delay: seconds that transaction may wait for them (so that
+            more are called off first), unless other writes want it sooner.
+        """
+        self._pending.append((provider,))
+        if delay:
+            self._scheduleLate(delay)
+        else:
+            self._schedule()
 
     def committed(self):
         """
@@ -161,14 +197,30 @@ class Database:
         """
         if self._pending or self._commitUnderWay():
             self._waiting.append(waiting)
-            self._schedule()
+            if self._lateCall is None:
+                self._schedule()
         else:
             waiting.callback(None)
         return waiting
 
     def _schedule(self):
+        """
+        Have the next commit put together on the next turn.
+        """
         if self._call is None:
             self._call = self.clock.callLater(0, self.commit)
+
+    def _scheduleLate(self, delay):
+        """
+        Have the next commit put together within C{delay} seconds, unless
+        it is already due sooner.
+        """
+        if self._call is None and self._lateCall is None:
+            self._lateCall = self.clock.callLater(delay, self._lateDue)
+
+    def _lateDue(self):
+        self._lateCall = None
+        self._schedule()
 
     def _commitUnderWay(self):
         """
@@ -176,7 +228,7 @@ class Database:
             transaction.
         """
         writer = self._writer
-        return writer is not None and writer.busy and writer.pid == os.getpid()
+        return writer is not None and writer.busy and writer.pid == _processId
 
     def commit(self):
         """
@@ -195,7 +247,11 @@ class Database:
         self._call = None
         if self._commitUnderWay():
             return
-        pending, self._pending = self._pending, []
+        if self._lateCall is not None:
+            if self._lateCall.active():
+                self._lateCall.cancel()
+            self._lateCall = None
+        pending, self._pending = _resolved(self._pending), []
         waiting, self._waiting = self._waiting, []
         if self._closed:
             if pending:
@@ -221,7 +277,7 @@ class Database:
             daemon, and threads do not survive a fork.
         """
         writer = self._writer
-        if writer is None or writer.pid != os.getpid():
+        if writer is None or writer.pid != _processId:
             writer = self._writer = _WriterThread(self, self._connect())
         return writer
 
@@ -261,7 +317,7 @@ class Database:
         if self._closed:
             return
         writer, self._writer = self._writer, None
-        if writer is not None and writer.pid == os.getpid():
+        if writer is not None and writer.pid == _processId:
             writer.stop()
         self._commit(onThread=False)
         self._closed = True
@@ -309,7 +365,7 @@ class _WriterThread:
         self._ended = None
         self._idle = threading.Event()
         self.busy = False
-        self.pid = os.getpid()
+        self.pid = _processId
         self._thread = threading.Thread(target=self._run, name="imxd-database-writer", daemon=True)
         self._thread.start()
 
@@ -386,6 +442,20 @@ class Stored:
         See L{Database.whenCommitted}.
         """
         self.database.whenCommitted(onCommitted, onFailure, *args)
+
+
+def _resolved(pending):
+    """
+    @return: the queued statements, with the writes that each provider
+        queued by L{Database.writeLater} gives now in its place.
+    """
+    resolved = []
+    for statement in pending:
+        if len(statement) == 1:
+            resolved.extend((sql, rows, True) for sql, rows in statement[0]() if rows)
+        else:
+            resolved.append(statement)
+    return resolved
 
 
 def _runs(pending):

@@ -14,7 +14,8 @@ class IOutboundStore(Interface):
 
     def add(origin, remote, record, accepted):
         """
-        Keep a message (written with the next grouped commit).
+        Keep a message: written with the next grouped commit, unless it is
+        removed before that commit is put together.
 
         @return: its L{imxd.store.QueuedMessage}, with a sequence number
             that orders it after every message added before.
@@ -23,6 +24,10 @@ class IOutboundStore(Interface):
     def remove(seq):
         """
         Forget the message numbered C{seq} (delivered or given up).
+
+        @return: whether the removal is a write to wait for (L{True}: the
+            message was written, or is being written); L{False}: it never
+            was, and nothing is left of it.
         """
 
     def load():

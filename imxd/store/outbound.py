@@ -23,6 +23,8 @@ CREATE TABLE IF NOT EXISTS outbound (
 );
 """
 
+_INSERT = "INSERT INTO outbound (seq, origin, remote, accepted, record) VALUES (?, ?, ?, ?, ?)"
+
 #: The largest record read back (the wire's own ceiling).
 _LARGEST = 16 * 1024 * 1024
 
@@ -40,6 +42,12 @@ class QueuedMessage:
     @ivar attempts: tries that the receiving server refused for now.
     @ivar notBefore: clock seconds before which it is not tried again.
     @ivar lastError: why the last try failed, or L{None}.
+    @ivar acceptance: C{(onAccepted, onFailure, args)} of the backend that
+        submitted it, until it hears that the message was accepted (or
+        could not be queued); L{None} after, and for messages kept from
+        before a restart.
+    @ivar reported: whether its sender hears of its outcome (not after it
+        heard that the message could not be queued).
     """
 
     seq: int
@@ -50,6 +58,8 @@ class QueuedMessage:
     attempts: int = 0
     notBefore: float = 0.0
     lastError: str | None = None
+    acceptance: tuple | None = None
+    reported: bool = True
 
 
 @implementer(IOutboundStore)
@@ -58,30 +68,48 @@ class OutboundStore(Stored):
     The outbound queue kept in a L{imxd.store.Database}.
     """
 
-    def __init__(self, database):
+    def __init__(self, database, writeBehind=0.0):
+        """
+        @param writeBehind: seconds a message added (or removed) may wait
+            before it is written, so that one answered meanwhile never is.
+        """
         super().__init__(database)
+        self.writeBehind = writeBehind
         database.schema(_SCHEMA)
         [(highest,)] = database.read("SELECT COALESCE(MAX(seq), 0) FROM outbound")
         self._next = highest + 1
+        # Messages added and not yet handed to a transaction, by seq: one
+        # removed before then is never written (nor deleted).
+        self._unwritten = {}
 
     def add(self, origin, remote, record, accepted):
         """
         See L{IOutboundStore.add}.
         """
-        entry = QueuedMessage(self._next, origin, remote, record, accepted)
+        seq = self._next
+        row = (seq, origin, remote, accepted, encodeRecord(record))
         self._next += 1
-        self.database.write(
-            "INSERT INTO outbound (seq, origin, remote, accepted, record)"
-            " VALUES (?, ?, ?, ?, ?)",
-            (entry.seq, origin, remote, accepted, encodeRecord(record)),
-        )
-        return entry
+        if not self._unwritten:
+            self.database.writeLater(self._takeUnwritten, self.writeBehind)
+        self._unwritten[seq] = row
+        return QueuedMessage(seq, origin, remote, record, accepted)
+
+    def _takeUnwritten(self):
+        """
+        @return: the inserts of the messages added since the last
+            transaction and not removed since.
+        """
+        rows, self._unwritten = list(self._unwritten.values()), {}
+        return [(_INSERT, rows)]
 
     def remove(self, seq):
         """
         See L{IOutboundStore.remove}.
         """
-        self.database.write("DELETE FROM outbound WHERE seq = ?", (seq,))
+        if self._unwritten.pop(seq, None) is not None:
+            return False
+        self.database.write("DELETE FROM outbound WHERE seq = ?", (seq,), self.writeBehind)
+        return True
 
     def load(self):
         """

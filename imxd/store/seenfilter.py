@@ -63,6 +63,12 @@ class _Generation:
             self.newest = at
 
 
+#: The two bits that 12 bits of a hash select: bit C{i & 63} and bit
+#: C{i >> 6}.  Three look-ups give an id's six bits (cheaper than six
+#: shifts of big integers).
+_BIT_PAIRS = tuple((1 << (i & 63)) | (1 << (i >> 6)) for i in range(4096))
+
+
 def _probes(origin, messageId):
     """
     @return: the index of an id's word (to be masked to a generation's
@@ -71,15 +77,9 @@ def _probes(origin, messageId):
         rest.
     """
     value = hash((origin, messageId)) & 0xFFFFFFFFFFFFFFFF
-    bits = (
-        (1 << (value & 63))
-        | (1 << (value >> 6 & 63))
-        | (1 << (value >> 12 & 63))
-        | (1 << (value >> 18 & 63))
-        | (1 << (value >> 24 & 63))
-        | (1 << (value >> 30 & 63))
+    return value >> 36, (
+        _BIT_PAIRS[value & 4095] | _BIT_PAIRS[value >> 12 & 4095] | _BIT_PAIRS[value >> 24 & 4095]
     )
-    return value >> 36, bits
 
 
 class SeenFilter:
@@ -98,6 +98,9 @@ class SeenFilter:
         """
         self.firstGeneration = firstGeneration
         self._generations = [_Generation(firstGeneration)]
+        # The pair last looked for and its probes: a new id is looked for,
+        # then added.
+        self._last = (None, None, 0, 0)
 
     def add(self, origin, messageId, at):
         """
@@ -107,7 +110,9 @@ class SeenFilter:
         if newest.count >= newest.capacity:
             newest = _Generation(min(newest.capacity * 2, LARGEST_GENERATION))
             self._generations.append(newest)
-        index, bits = _probes(origin, messageId)
+        lastOrigin, lastId, index, bits = self._last
+        if origin is not lastOrigin or messageId is not lastId:
+            index, bits = _probes(origin, messageId)
         newest.add(index, bits, at)
 
     def mayContain(self, origin, messageId):
@@ -116,6 +121,7 @@ class SeenFilter:
             forgotten), L{True} if it may have been.
         """
         index, bits = _probes(origin, messageId)
+        self._last = (origin, messageId, index, bits)
         for generation in reversed(self._generations):
             if generation.words[index & generation.mask] & bits == bits:
                 return True
