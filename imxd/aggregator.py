@@ -139,7 +139,7 @@ class VirtualDomain(service.Service):
             taken = fail()
         # Most backends take a report at once and return None: no Deferred
         # is made for them (one report per message sent).
-        if isinstance(taken, Deferred):
+        if taken is not None and isinstance(taken, Deferred):
             taken.addErrback(self._reportNotTaken)
 
     def _reportNotTaken(self, failure) -> None:

@@ -177,7 +177,7 @@ class LinkClientProtocol(PeerProtocol):
         serve, respond = _SERVED[type(record)]
         try:
             result = serve(self.factory.client.handler, record)
-            if isinstance(result, defer.Deferred):
+            if result is not None and isinstance(result, defer.Deferred):
                 self.answer(result.addCallback(respond, record), record)
                 return
             response = respond(result, record)

@@ -183,12 +183,19 @@ class Outbox:
     def stop(self):
         """
         Stop sending and every timer; what is queued stays in the store.
+        The reports still due go out now, while the backends can take them
+        (their messages were never written: nothing would report them
+        after a restart).
         """
         self.stopped = True
         if self._sweeper is not None and self._sweeper.running:
             self._sweeper.stop()
         for queue in self.queues.values():
             self._cancel(queue)
+        if self._reportCall is not None:
+            if self._reportCall.active():
+                self._reportCall.cancel()
+            self._reportDue()
 
     # -- accepting ------------------------------------------------------------
 
@@ -224,7 +231,11 @@ class Outbox:
         self.store.whenCommitted(self._stored, self._notStored, entry)
         queue = self._queue(remote)
         queue.waiting.append(entry)
-        self._pump(queue)
+        try:
+            self._pump(queue)
+        except Exception:
+            # Accepted or not is the commit's to say; the queue goes on.
+            self.log.failure("outbox: sending to {remote} failed", remote=remote)
 
     def _stored(self, _, entry):
         """

@@ -1038,8 +1038,10 @@ class PeerProtocol(Protocol):
 
     def _writeClose(self, close):
         """
-        Write CLOSE once.
+        Write CLOSE once, after the ACKs gathered and the requests held
+        behind them: nothing is sent after CLOSE.
         """
+        self._flushAcks()
         self._closeSent = True
         self.sendRecord(close)
 

@@ -12,6 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from imxd.router import Router
 from imxd.store import Database, OutboundStore, SeenStore, StoreError
+from imxd.store.database import Rows
 from imxd.store import database as databaseModule
 from imxd.store.seen import PRUNE_CHUNK
 from imxd.wire import EncodeError
@@ -279,6 +280,34 @@ print("parent-saw-" + str(database.read("SELECT COUNT(*) FROM t")[0][0]), flush=
 """
 
 
+class WrittenWhileRemovedTests(SynchronousTestCase):
+    """
+    A message removed while the transaction that writes it is under way on
+    the writer thread is deleted by the next transaction.
+    """
+
+    def test_removedWhileWriting(self):
+        """
+        Its removal is a write to wait for, and once both transactions end
+        nothing of it is left.
+        """
+        clock = ThreadClock()
+        database = Database(self.mktemp(), clock, threaded=True)
+        self.addCleanup(database.close)
+        store = OutboundStore(database)
+        entry = store.add("a.test", "b.test", message("alice@a.test", "bob@b.test", "m1"), 0.0)
+        written = store.committed()
+        clock.advance(0)
+        self.assertTrue(store.remove(entry.seq))
+        removed = store.committed()
+        clock.runFromThreads()
+        self.successResultOf(written)
+        self.assertNoResult(removed)
+        clock.runFromThreads()
+        self.successResultOf(removed)
+        self.assertEqual(store.load(), [])
+
+
 class WriteLaterTests(SynchronousTestCase):
     """
     Writes queued with L{Database.writeLater} are asked for when the next
@@ -337,6 +366,26 @@ class WriteLaterTests(SynchronousTestCase):
         self.clock.advance(0)
         self.assertEqual(self.values(), [1, 2])
 
+    def test_providerFails(self):
+        """
+        A provider that raises fails that commit (those waiting hear a
+        L{StoreError}), and the next commit works.
+        """
+
+        def broken():
+            raise ValueError("no rows today")
+
+        self.database.writeLater(broken)
+        failed = self.database.committed()
+        self.clock.advance(0)
+        self.failureResultOf(failed, StoreError)
+        self.database.write("INSERT INTO t VALUES (?)", (7,))
+        done = self.database.committed()
+        self.clock.advance(0)
+        self.successResultOf(done)
+        self.assertEqual(self.values(), [7])
+        self.flushLoggedErrors()
+
     def test_nothingLeft(self):
         """
         When the provider has nothing left to write, no transaction is run
@@ -388,3 +437,49 @@ class OutboundStoreWriteBehindTests(SynchronousTestCase):
         self.assertRaises(EncodeError, self.add, "x" * 200)
         self.clock.advance(0.005)
         self.assertEqual(self.store.load(), [])
+
+
+class RowsTests(SynchronousTestCase):
+    """
+    A L{Rows} statement runs the rows of a transaction as few multi-row
+    statements.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.database = Database(":memory:", self.clock)
+        self.database.schema("CREATE TABLE t (a INTEGER PRIMARY KEY, b TEXT)")
+
+    def test_runs(self):
+        """
+        Rows are cut into statements of C{MANY}, then C{SOME}, then one,
+        each with the flattened parameters of its rows, in order.
+        """
+        statement = Rows("INSERT INTO t (a, b) VALUES ", "(?, ?)")
+        rows = [(n, str(n)) for n in range(2 * Rows.MANY + Rows.SOME + 3)]
+        runs = statement.runs(rows)
+        self.assertEqual(
+            [(sql.count("(?, ?)"), len(parameters)) for sql, parameters in runs],
+            [(Rows.MANY, 2), (Rows.SOME, 1), (1, 3)],
+        )
+        self.assertEqual(runs[0][1][1][:4], (Rows.MANY, str(Rows.MANY), Rows.MANY + 1, str(Rows.MANY + 1)))
+        self.assertEqual(runs[2][1], rows[-3:])
+        self.assertEqual(statement.runs([]), [])
+
+    def test_written(self):
+        """
+        Writes of L{Rows} statements queued in one turn are all committed,
+        inserts and deletes in the order queued.
+        """
+        insert = Rows("INSERT INTO t (a, b) VALUES ", "(?, ?)")
+        delete = Rows("DELETE FROM t WHERE a IN (", "?", ")")
+        for n in range(Rows.MANY + Rows.SOME + 5):
+            self.database.write(insert, (n, f"v{n}"))
+        for n in range(0, Rows.MANY + Rows.SOME + 5, 2):
+            self.database.write(delete, (n,))
+        self.database.write(insert, (0, "again"))
+        self.clock.advance(0)
+        values = dict(self.database.read("SELECT a, b FROM t"))
+        expected = {n: f"v{n}" for n in range(1, Rows.MANY + Rows.SOME + 5, 2)}
+        expected[0] = "again"
+        self.assertEqual(values, expected)

@@ -1010,10 +1010,23 @@ class OutboxTests(SynchronousTestCase):
         self.assertEqual((messageId, refusal.code), ("m1", ErrorCode.UNKNOWN_USER))
         self.assertEqual(self.stored(), [])
 
-    def test_answeredWhileWritten(self):
+    def test_stopSendsDueReports(self):
         """
-        A message answered after its commit started is removed with the
-        next commit and reported only then.
+        Reports due for messages never written go out when the outbox
+        stops, not on a turn that may come after the backends stopped.
+        """
+        self.submit("m1", commit=False)
+        self.transmit.answer(0, None)
+        self.assertEqual(self.reports, [])
+        self.outbox.stop()
+        self.assertEqual(self.reports, [("m1", None)])
+        self.clock.advance(0)
+        self.assertEqual(self.reports, [("m1", None)])
+
+    def test_answeredAfterCommit(self):
+        """
+        A message answered after its commit is removed with the next
+        commit and reported only then.
         """
         sent = self.submit("m1")
         self.successResultOf(sent)

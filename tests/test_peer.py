@@ -752,6 +752,31 @@ class RequestTests(PeerTestCase):
         self.assertIsInstance(told[2][1], ConnectionLost)
         self.assertEqual(self.proto.pendingRequests(), 0)
 
+    def test_requestsWaitForGatheredAcks(self):
+        """
+        A request written while ACKs are gathered (outside a read) goes
+        after them, when they are sent on the next turn; responses do not
+        wait.
+        """
+        self.proto.acknowledge(5)
+        self.proto.request(Ping())
+        self.proto.sendRecord(Pong(tag=9))
+        self.assertEqual([type(r) for r in self.written()], [Pong])
+        self.clock.advance(0)
+        ack, ping = self.written()
+        self.assertEqual((type(ack), ack.tags, type(ping)), (Ack, (5,), Ping))
+
+    def test_closeAfterHeldRequests(self):
+        """
+        CLOSE goes after the ACKs gathered and the requests held behind
+        them: nothing follows it.
+        """
+        self.proto.acknowledge(5)
+        self.proto.request(Ping())
+        self.proto.close()
+        self.clock.advance(0)
+        self.assertEqual([type(r) for r in self.written()], [Ack, Ping, Close])
+
     def test_unmatchedResponse(self):
         """
         A response whose tag names no pending request is counted and

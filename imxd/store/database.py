@@ -10,6 +10,7 @@ their own pending writes keep them in memory until they are committed.
 
 from __future__ import annotations
 
+import itertools
 import os
 import queue
 import sqlite3
@@ -43,6 +44,65 @@ os.register_at_fork(after_in_child=_forked)
 #: How long a connection waits for another's lock (the writer thread's
 #: transaction, a checkpoint) before giving up, in milliseconds.
 BUSY_TIMEOUT_MS = 10_000
+
+
+class Rows:
+    """
+    A statement that takes many rows at once (a multi-row C{INSERT}, a
+    C{DELETE ... IN}), queued with L{Database.write} as if it took one: the
+    rows of a transaction run as few statements of L{MANY} and L{SOME}
+    rows each, and the rest one by one.  The writer thread then gives up
+    the interpreter lock once per statement instead of once per row.
+    """
+
+    #: Rows per statement, and per statement of what is left over.
+    MANY = 128
+    SOME = 16
+
+    def __init__(self, head, row, tail=""):
+        """
+        @param head: the statement up to its first row, e.g. C{"INSERT INTO
+            t (a, b) VALUES "}.
+        @param row: one row's placeholders, e.g. C{"(?, ?)"}; rows are
+            joined by commas.
+        @param tail: what follows the last row, e.g. C{")"}.
+        """
+        self._head = head
+        self._row = row
+        self._tail = tail
+        self._texts = {}
+
+    def sql(self, count):
+        """
+        @return: the statement for C{count} rows.
+        """
+        text = self._texts.get(count)
+        if text is None:
+            text = self._texts[count] = self._head + ", ".join([self._row] * count) + self._tail
+        return text
+
+    def runs(self, rows):
+        """
+        @param rows: parameter tuples, one per row.
+        @return: C{(sql, parameters)} pairs, each run with C{executemany}.
+        """
+        runs = []
+        start, total = 0, len(rows)
+        for size in (self.MANY, self.SOME):
+            stop = start + (total - start) // size * size
+            if stop > start:
+                runs.append((
+                    self.sql(size),
+                    [tuple(itertools.chain.from_iterable(rows[i : i + size]))
+                     for i in range(start, stop, size)],
+                ))
+                start = stop
+        if start < total:
+            runs.append((self.sql(1), rows[start:]))
+        return runs
+
+    def __repr__(self):
+        return f"Rows({self.sql(1)!r})"
 
 
 class StoreError(Exception):
@@ -251,7 +311,15 @@ class Database:
             if self._lateCall.active():
                 self._lateCall.cancel()
             self._lateCall = None
-        pending, self._pending = _resolved(self._pending), []
+        try:
+            pending = _resolved(self._pending)
+        except Exception as e:
+            # A provider that cannot give its writes fails this commit, not
+            # every later one.
+            self._pending, waiting, self._waiting = [], self._waiting, []
+            self.committedBy([], waiting, e)
+            return
+        self._pending = []
         waiting, self._waiting = self._waiting, []
         if self._closed:
             if pending:
@@ -333,7 +401,11 @@ def _transact(connection, pending):
     try:
         connection.execute("BEGIN")
         for sql, rows in _runs(pending):
-            connection.executemany(sql, rows)
+            if isinstance(sql, Rows):
+                for text, parameters in sql.runs(rows):
+                    connection.executemany(text, parameters)
+            else:
+                connection.executemany(sql, rows)
         connection.execute("COMMIT")
     except Exception as e:
         # Not only sqlite3.Error: a value SQLite cannot take (a lone

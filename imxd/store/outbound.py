@@ -9,7 +9,7 @@ from __future__ import annotations
 import attrs
 from zope.interface import implementer
 
-from imxd.store.database import Stored
+from imxd.store.database import Rows, Stored
 from imxd.store.interfaces import IOutboundStore
 from imxd.wire import decodeRecords, encodeRecord
 
@@ -23,7 +23,8 @@ CREATE TABLE IF NOT EXISTS outbound (
 );
 """
 
-_INSERT = "INSERT INTO outbound (seq, origin, remote, accepted, record) VALUES (?, ?, ?, ?, ?)"
+_INSERT = Rows("INSERT INTO outbound (seq, origin, remote, accepted, record) VALUES ", "(?, ?, ?, ?, ?)")
+_DELETE = Rows("DELETE FROM outbound WHERE seq IN (", "?", ")")
 
 #: The largest record read back (the wire's own ceiling).
 _LARGEST = 16 * 1024 * 1024
@@ -108,7 +109,7 @@ class OutboundStore(Stored):
         """
         if self._unwritten.pop(seq, None) is not None:
             return False
-        self.database.write("DELETE FROM outbound WHERE seq = ?", (seq,), self.writeBehind)
+        self.database.write(_DELETE, (seq,), self.writeBehind)
         return True
 
     def load(self):

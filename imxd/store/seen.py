@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from zope.interface import implementer
 
-from imxd.store.database import Stored
+from imxd.store.database import Rows, Stored
 from imxd.store.interfaces import ISeenStore
 from imxd.store.seenfilter import SeenFilter
+
+_INSERT = Rows("INSERT OR REPLACE INTO seen (origin, id, at) VALUES ", "(?, ?, ?)")
 
 #: Ids forgotten per pruning at most.
 PRUNE_CHUNK = 20000
@@ -67,10 +69,7 @@ class SeenStore(Stored):
         See L{ISeenStore.add}.
         """
         self.filter.add(origin, messageId, at)
-        self.database.write(
-            "INSERT OR REPLACE INTO seen (origin, id, at) VALUES (?, ?, ?)",
-            (origin, messageId, at),
-        )
+        self.database.write(_INSERT, (origin, messageId, at))
 
     def prune(self, before, limit=PRUNE_CHUNK):
         """
