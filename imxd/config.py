@@ -151,10 +151,10 @@ class QueueConfig:
     @ivar maxQueued: messages held at most; more are refused for now.
     @ivar dedupeWindow: seconds a received MESSAGE_ID is remembered, at
         least C{giveUpAfter}.
-    @ivar writeBehind: seconds a message accepted from a backend may wait
-        to be written to the queue while its answer is awaited (it is sent
-        at once; one answered in that time is never written); 0 writes
-        with the next turn's commit.
+    @ivar writeBehind: seconds a message accepted from a backend waits
+        before it is written to the queue (it is sent at once; one
+        answered in that time is never written); 0 writes it with the next
+        turn's commit.
     """
 
     durability: str = "full"
@@ -164,7 +164,7 @@ class QueueConfig:
     window: int = 1000
     maxQueued: int = 1000000
     dedupeWindow: float = 172800.0
-    writeBehind: float = 0.005
+    writeBehind: float = 0.05
 
 
 @attrs.frozen
@@ -925,7 +925,7 @@ _QUEUE = _table(
     _Key("window", "window", _integer(1, 100000), 1000),
     _Key("max_queued", "maxQueued", _integer(1), 1000000),
     _Key("dedupe_window", "dedupeWindow", _positiveNumber, 172800.0),
-    _Key("write_behind", "writeBehind", _delay(1.0), 0.005),
+    _Key("write_behind", "writeBehind", _delay(1.0), 0.05),
     finish=_finishQueue,
 )
 

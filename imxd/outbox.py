@@ -228,7 +228,7 @@ class Outbox:
         entry = self.store.add(origin, remote, record, self.clock.seconds())
         self.depth += 1
         entry.acceptance = (onAccepted, onFailure, args)
-        self.store.whenCommitted(self._stored, self._notStored, entry)
+        self.store.whenWritten(entry.seq, self._stored, self._notStored, entry)
         queue = self._queue(remote)
         queue.waiting.append(entry)
         try:

@@ -410,10 +410,10 @@ class InvalidConfigTests(ConfigTestsMixin, SynchronousTestCase):
 
     def test_writeBehind(self) -> None:
         """
-        C{server.queue.write_behind} is 5 ms unless set, may be 0, and is
+        C{server.queue.write_behind} is 50 ms unless set, may be 0, and is
         refused outside 0 to 1 second or when not a number.
         """
-        self.assertEqual(self.parse(minimal()).server.queue.writeBehind, 0.005)
+        self.assertEqual(self.parse(minimal()).server.queue.writeBehind, 0.05)
         self.assertEqual(self.parse(minimal(queue={"write_behind": 0})).server.queue.writeBehind, 0.0)
         for bad in (-0.001, 1.5, float("nan")):
             self.assertConfigError(

@@ -320,7 +320,7 @@ class WriteLaterTests(SynchronousTestCase):
         self.database.schema("CREATE TABLE t (x INTEGER)")
         self.rows = []
 
-    def provider(self):
+    def provider(self, final, told):
         rows, self.rows = self.rows, []
         return [("INSERT INTO t VALUES (?)", [(x,) for x in rows])]
 
@@ -372,7 +372,7 @@ class WriteLaterTests(SynchronousTestCase):
         L{StoreError}), and the next commit works.
         """
 
-        def broken():
+        def broken(final, told):
             raise ValueError("no rows today")
 
         self.database.writeLater(broken)
@@ -428,6 +428,36 @@ class OutboundStoreWriteBehindTests(SynchronousTestCase):
         self.assertEqual(len(self.store.load()), 1)
         self.clock.advance(0.001)
         self.assertEqual(self.store.load(), [])
+
+    def test_writtenOnceOldEnough(self):
+        """
+        A commit writes only the messages added at least C{writeBehind}
+        ago; the others wait for a later one, and each is told when it is
+        written.
+        """
+        told = []
+        first = self.add("m1")
+        self.store.whenWritten(first.seq, lambda _, name: told.append(name), None, "m1")
+        self.clock.advance(0.003)
+        second = self.add("m2")
+        self.store.whenWritten(second.seq, lambda _, name: told.append(name), None, "m2")
+        self.clock.advance(0.002)
+        self.assertEqual([e.record.messageId for e in self.store.load()], ["m1"])
+        self.assertEqual(told, ["m1"])
+        self.clock.advance(0.002)
+        self.assertEqual(told, ["m1"])
+        self.clock.advance(0.001)
+        self.assertEqual([e.record.messageId for e in self.store.load()], ["m1", "m2"])
+        self.assertEqual(told, ["m1", "m2"])
+
+    def test_flushWritesAll(self):
+        """
+        L{Database.flush} (at shutdown) writes every message, however
+        young.
+        """
+        self.add("m1")
+        self.database.flush()
+        self.assertEqual([e.record.messageId for e in self.store.load()], ["m1"])
 
     def test_unencodableRefusedAtOnce(self):
         """

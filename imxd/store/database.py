@@ -219,10 +219,13 @@ class Database:
 
     def writeLater(self, provider, delay=0.0):
         """
-        Queue writes that may still be called off: C{provider()} is called
-        on this thread when the next transaction is put together, and
-        returns the C{(sql, rows)} pairs to run then, each statement once
-        for every parameter tuple of its C{rows}.
+        Queue writes that may still be called off: C{provider(final,
+        told)} is called on this thread when the next transaction is put
+        together, and returns the C{(sql, rows)} pairs to run then, each
+        statement once for every parameter tuple of its C{rows}.  It may
+        keep writes for a later transaction (queueing itself again) unless
+        C{final} is true (L{flush}, L{close}), and may add to the list
+        C{told} the L{Callbacks} to tell when this transaction ends.
 
         @param delay: seconds that transaction may wait for them (so that
             more are called off first), unless other writes want it sooner.
@@ -298,9 +301,12 @@ class Database:
         """
         self._commit(self.threaded)
 
-    def _commit(self, onThread):
+    def _commit(self, onThread, final=False):
         """
         L{commit}, on the writer thread or on this one.
+
+        @param final: whether every write queued is to be made now (the
+            providers of L{writeLater} give all they hold).
         """
         if self._call is not None and self._call.active():
             self._call.cancel()
@@ -311,16 +317,17 @@ class Database:
             if self._lateCall.active():
                 self._lateCall.cancel()
             self._lateCall = None
+        queued, self._pending = self._pending, []
+        told = []
         try:
-            pending = _resolved(self._pending)
+            pending = _resolved(queued, final, told)
         except Exception as e:
             # A provider that cannot give its writes fails this commit, not
             # every later one.
-            self._pending, waiting, self._waiting = [], self._waiting, []
+            waiting, self._waiting = told + self._waiting, []
             self.committedBy([], waiting, e)
             return
-        self._pending = []
-        waiting, self._waiting = self._waiting, []
+        waiting, self._waiting = told + self._waiting, []
         if self._closed:
             if pending:
                 self.log.error(
@@ -357,7 +364,7 @@ class Database:
         """
         if self._commitUnderWay():
             self._writer.waitIdle()
-        self._commit(onThread=False)
+        self._commit(onThread=False, final=True)
 
     def committedBy(self, pending, waiting, error):
         """
@@ -387,7 +394,7 @@ class Database:
         writer, self._writer = self._writer, None
         if writer is not None and writer.pid == _processId:
             writer.stop()
-        self._commit(onThread=False)
+        self._commit(onThread=False, final=True)
         self._closed = True
         self._db.close()
 
@@ -516,15 +523,20 @@ class Stored:
         self.database.whenCommitted(onCommitted, onFailure, *args)
 
 
-def _resolved(pending):
+def _resolved(pending, final, told):
     """
+    @param final: passed to each provider: whether it must give all it
+        holds.
+    @param told: a list each provider may add L{Callbacks} to, told when
+        this transaction ends.
     @return: the queued statements, with the writes that each provider
         queued by L{Database.writeLater} gives now in its place.
     """
     resolved = []
     for statement in pending:
         if len(statement) == 1:
-            resolved.extend((sql, rows, True) for sql, rows in statement[0]() if rows)
+            given = statement[0](final, told)
+            resolved.extend((sql, rows, True) for sql, rows in given if rows)
         else:
             resolved.append(statement)
     return resolved

@@ -14,11 +14,19 @@ class IOutboundStore(Interface):
 
     def add(origin, remote, record, accepted):
         """
-        Keep a message: written with the next grouped commit, unless it is
+        Keep a message: written with a later grouped commit, unless it is
         removed before that commit is put together.
 
         @return: its L{imxd.store.QueuedMessage}, with a sequence number
             that orders it after every message added before.
+        """
+
+    def whenWritten(seq, onWritten, onFailure, *args):
+        """
+        Call C{onWritten(None, *args)} once the message numbered C{seq}
+        (just added) is durable, or C{onFailure(failure, *args)} if the
+        commit that was to write it failed; neither if it is removed before
+        it is written.
         """
 
     def remove(seq):

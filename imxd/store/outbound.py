@@ -9,6 +9,7 @@ from __future__ import annotations
 import attrs
 from zope.interface import implementer
 
+from imxd.callbacks import Callbacks
 from imxd.store.database import Rows, Stored
 from imxd.store.interfaces import IOutboundStore
 from imxd.wire import decodeRecords, encodeRecord
@@ -71,16 +72,19 @@ class OutboundStore(Stored):
 
     def __init__(self, database, writeBehind=0.0):
         """
-        @param writeBehind: seconds a message added (or removed) may wait
-            before it is written, so that one answered meanwhile never is.
+        @param writeBehind: seconds a message added waits before it is
+            written (and a removal before it is made), so that one answered
+            meanwhile never is.
         """
         super().__init__(database)
         self.writeBehind = writeBehind
+        self._clock = database.clock
         database.schema(_SCHEMA)
         [(highest,)] = database.read("SELECT COALESCE(MAX(seq), 0) FROM outbound")
         self._next = highest + 1
-        # Messages added and not yet handed to a transaction, by seq: one
-        # removed before then is never written (nor deleted).
+        # The messages added and not yet handed to a transaction, by seq,
+        # in the order added: [row, clock time added, Callbacks or None].
+        # One removed before then is never written (nor deleted).
         self._unwritten = {}
 
     def add(self, origin, remote, record, accepted):
@@ -92,16 +96,45 @@ class OutboundStore(Stored):
         self._next += 1
         if not self._unwritten:
             self.database.writeLater(self._takeUnwritten, self.writeBehind)
-        self._unwritten[seq] = row
+        self._unwritten[seq] = [row, self._clock.seconds(), None]
         return QueuedMessage(seq, origin, remote, record, accepted)
 
-    def _takeUnwritten(self):
+    def whenWritten(self, seq, onWritten, onFailure, *args):
         """
-        @return: the inserts of the messages added since the last
-            transaction and not removed since.
+        See L{IOutboundStore.whenWritten}.
         """
-        rows, self._unwritten = list(self._unwritten.values()), {}
-        return [(_INSERT, rows)]
+        unwritten = self._unwritten.get(seq)
+        if unwritten is None:
+            self.database.whenCommitted(onWritten, onFailure, *args)
+        else:
+            unwritten[2] = Callbacks(onWritten, onFailure, args)
+
+    def _takeUnwritten(self, final, told):
+        """
+        The provider of L{Database.writeLater}: the inserts of the messages
+        added at least C{writeBehind} ago (all of them if C{final}) and not
+        removed since; those waiting for them are told with the
+        transaction.  The rest wait for a later one.
+        """
+        unwritten = self._unwritten
+        if final or not self.writeBehind:
+            taken = list(unwritten.values())
+            unwritten.clear()
+        else:
+            now = self._clock.seconds()
+            due = now - self.writeBehind
+            taken = []
+            for each in unwritten.values():
+                if each[1] > due:
+                    break
+                taken.append(each)
+            for each in taken:
+                del unwritten[each[0][0]]
+            if unwritten:
+                first = next(iter(unwritten.values()))
+                self.database.writeLater(self._takeUnwritten, max(0.0, first[1] - due))
+        told.extend(each[2] for each in taken if each[2] is not None)
+        return [(_INSERT, [each[0] for each in taken])]
 
     def remove(self, seq):
         """
