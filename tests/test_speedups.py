@@ -15,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from imxd.wire import RECORD_CLASSES, EncodeError, FrameDecoder, WireError, encodeRecord
 from imxd.wire.constants import Field
 from imxd.wire.framing import Frame
+from imxd.store.seenfilter import Bloom
 from imxd.wire import framing
 from imxd.wire.records import (
     Ack,
@@ -296,3 +297,45 @@ class AcceleratorTests(SynchronousTestCase):
         self.assertRaises(
             TypeError, speedups.Schema, Ack, (("flags", 1, 0, 0, 9, False, False),), True
         )
+
+
+class BloomTests(SynchronousTestCase):
+    """
+    The accelerator's C{Bloom} answers as the seen filter's Python
+    L{Bloom} does.
+    """
+
+    def setUp(self):
+        if speedups is None:
+            raise self.skipTest("the C accelerator is not built here (an optional extra)")
+
+    @settings(propertySettings, max_examples=200)
+    @given(
+        added=st.lists(st.integers(-(2**63), 2**63 - 1), max_size=200),
+        asked=st.lists(st.integers(-(2**63), 2**63 - 1), max_size=200),
+        words=st.sampled_from([1, 4, 64]),
+    )
+    def test_agrees(self, added, asked, words):
+        """
+        After the same hashes are added, both give the same answer for any
+        hash, and never L{False} for one added.
+        """
+        fast, reference = speedups.Bloom(words), Bloom(words)
+        for value in added:
+            fast.add(value)
+            reference.add(value)
+        for value in added:
+            self.assertTrue(fast.mayContain(value))
+        for value in asked:
+            self.assertEqual(fast.mayContain(value), reference.mayContain(value))
+
+    def test_checksArguments(self):
+        """
+        A size that is not a power of two, and a hash that is not an
+        integer, are refused.
+        """
+        for words in (0, 3, -4):
+            self.assertRaises(ValueError, speedups.Bloom, words)
+        bloom = speedups.Bloom(8)
+        self.assertRaises(TypeError, bloom.add, "1")
+        self.assertRaises(TypeError, bloom.mayContain, 1.5)

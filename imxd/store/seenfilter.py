@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from array import array
 
+from imxd.wire.accelerator import speedups
+
 #: Ids the first generation holds (256 KiB); each next one holds twice as
 #: many, up to L{LARGEST_GENERATION}.  A new id is looked for in every
 #: generation, so few and large ones are cheaper: 2 after 300,000 ids
@@ -33,31 +35,61 @@ BITS_PER_ID = 16
 PROBES = 6
 
 
+class Bloom:
+    """
+    One blocked Bloom filter of 64-bit hashes, in 64-bit words: a hash
+    selects a word by its top 28 bits and sets L{PROBES} bits in it, chosen
+    by six 6-bit pieces of its low 36 bits.  The reference for the C
+    accelerator's C{Bloom}, which has the same methods.
+    """
+
+    __slots__ = ("_words", "_mask")
+
+    def __init__(self, words):
+        """
+        @param words: 64-bit words (a power of two).
+        """
+        self._words = array("Q", bytes(8 * words))
+        self._mask = words - 1
+
+    def add(self, value):
+        """
+        Remember a hash.
+        """
+        index, bits = _probes(value)
+        self._words[index & self._mask] |= bits
+
+    def mayContain(self, value):
+        """
+        @return: L{False} if the hash was certainly not added.
+        """
+        index, bits = _probes(value)
+        return self._words[index & self._mask] & bits == bits
+
+
 class _Generation:
     """
     One Bloom filter: the ids received in one stretch of time.
 
-    @ivar words: the filter, in 64-bit words.
-    @ivar mask: selects a word from an id's index.
+    @ivar bloom: the filter, a L{Bloom} (or the accelerator's).
     @ivar newest: the latest receiving time of an id in it.
     @ivar count: ids added.
     @ivar capacity: ids it is sized for.
     """
 
-    __slots__ = ("words", "mask", "count", "capacity", "newest")
+    __slots__ = ("bloom", "count", "capacity", "newest")
 
     def __init__(self, capacity):
         size = 1
         while size * 64 < capacity * BITS_PER_ID:
             size <<= 1
-        self.words = array("Q", bytes(8 * size))
-        self.mask = size - 1
+        self.bloom = (Bloom if speedups is None else speedups.Bloom)(size)
         self.count = 0
         self.capacity = capacity
         self.newest = float("-inf")
 
-    def add(self, index, bits, at):
-        self.words[index & self.mask] |= bits
+    def add(self, value, at):
+        self.bloom.add(value)
         self.count += 1
         if at > self.newest:
             self.newest = at
@@ -69,14 +101,13 @@ class _Generation:
 _BIT_PAIRS = tuple((1 << (i & 63)) | (1 << (i >> 6)) for i in range(4096))
 
 
-def _probes(origin, messageId):
+def _probes(value):
     """
-    @return: the index of an id's word (to be masked to a generation's
-        size) and the L{PROBES} bits it sets in that word, from one 64-bit
-        hash: six 6-bit positions from the low 36 bits, the index from the
-        rest.
+    @return: the index of a hash's word (to be masked to a filter's size)
+        and the L{PROBES} bits it sets in that word: six 6-bit positions
+        from the low 36 bits, the index from the rest.
     """
-    value = hash((origin, messageId)) & 0xFFFFFFFFFFFFFFFF
+    value &= 0xFFFFFFFFFFFFFFFF
     return value >> 36, (
         _BIT_PAIRS[value & 4095] | _BIT_PAIRS[value >> 12 & 4095] | _BIT_PAIRS[value >> 24 & 4095]
     )
@@ -98,9 +129,9 @@ class SeenFilter:
         """
         self.firstGeneration = firstGeneration
         self._generations = [_Generation(firstGeneration)]
-        # The pair last looked for and its probes: a new id is looked for,
+        # The pair last looked for and its hash: a new id is looked for,
         # then added.
-        self._last = (None, None, 0, 0)
+        self._last = (None, None, 0)
 
     def add(self, origin, messageId, at):
         """
@@ -110,20 +141,20 @@ class SeenFilter:
         if newest.count >= newest.capacity:
             newest = _Generation(min(newest.capacity * 2, LARGEST_GENERATION))
             self._generations.append(newest)
-        lastOrigin, lastId, index, bits = self._last
+        lastOrigin, lastId, value = self._last
         if origin is not lastOrigin or messageId is not lastId:
-            index, bits = _probes(origin, messageId)
-        newest.add(index, bits, at)
+            value = hash((origin, messageId))
+        newest.add(value, at)
 
     def mayContain(self, origin, messageId):
         """
         @return: L{False} if the pair was certainly not added (or was
             forgotten), L{True} if it may have been.
         """
-        index, bits = _probes(origin, messageId)
-        self._last = (origin, messageId, index, bits)
+        value = hash((origin, messageId))
+        self._last = (origin, messageId, value)
         for generation in reversed(self._generations):
-            if generation.words[index & generation.mask] & bits == bits:
+            if generation.bloom.mayContain(value):
                 return True
         return False
 

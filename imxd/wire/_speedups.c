@@ -1,5 +1,6 @@
 /*
- * imxd.wire._speedups: the record codec's hot path in C.
+ * imxd.wire._speedups: imxd's hot paths in C -- the record codec, and the
+ * Bloom filter of the dedupe table's seen filter (at the end).
  *
  * A Schema describes one record class (its fields, in declaration order,
  * and the slot descriptors its instances are filled through).  Its two
@@ -608,6 +609,98 @@ static PyTypeObject SchemaType = {
 };
 
 /*
+ * Bloom(words): one blocked Bloom filter of `words` 64-bit words (a power
+ * of two), the seen filter's generation (imxd/store/seenfilter.py holds
+ * the reference in Python).  An id's 64-bit hash selects one word by its
+ * top 28 bits and sets six bits in it, chosen by six 6-bit pieces of its
+ * low 36 bits.
+ */
+typedef struct {
+    PyObject_HEAD
+    unsigned long long *words;
+    unsigned long long mask;
+} BloomObject;
+
+static void
+Bloom_dealloc(BloomObject *self)
+{
+    PyMem_Free(self->words);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int
+Bloom_init(BloomObject *self, PyObject *args, PyObject *kwargs)
+{
+    Py_ssize_t words;
+    (void)kwargs;
+    if (!PyArg_ParseTuple(args, "n", &words))
+        return -1;
+    if (words < 1 || (words & (words - 1)) || self->words != NULL) {
+        PyErr_SetString(PyExc_ValueError, "Bloom(words): a power of two, once");
+        return -1;
+    }
+    self->words = PyMem_Calloc((size_t)words, sizeof(unsigned long long));
+    if (self->words == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->mask = (unsigned long long)words - 1;
+    return 0;
+}
+
+/* The word index and the bits of a hash; -1 with an exception if it is not an int. */
+static int
+bloomProbe(PyObject *hash, unsigned long long *index, unsigned long long *bits)
+{
+    unsigned long long value = PyLong_AsUnsignedLongLongMask(hash);
+    if (value == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    *index = value >> 36;
+    *bits = 0;
+    for (int i = 0; i < 6; i++)
+        *bits |= 1ULL << ((value >> (6 * i)) & 63);
+    return 0;
+}
+
+static PyObject *
+Bloom_add(BloomObject *self, PyObject *hash)
+{
+    unsigned long long index, bits;
+    if (bloomProbe(hash, &index, &bits) < 0)
+        return NULL;
+    self->words[index & self->mask] |= bits;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Bloom_mayContain(BloomObject *self, PyObject *hash)
+{
+    unsigned long long index, bits;
+    if (bloomProbe(hash, &index, &bits) < 0)
+        return NULL;
+    return PyBool_FromLong((self->words[index & self->mask] & bits) == bits);
+}
+
+static PyMethodDef Bloom_methods[] = {
+    {"add", (PyCFunction)Bloom_add, METH_O, "add(hash): remember a 64-bit hash."},
+    {"mayContain", (PyCFunction)Bloom_mayContain, METH_O,
+     "mayContain(hash) -> False if the hash was certainly not added."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject BloomType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "imxd.wire._speedups.Bloom",
+    .tp_basicsize = sizeof(BloomObject),
+    .tp_dealloc = (destructor)Bloom_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Bloom(words): a blocked Bloom filter of 64-bit hashes.",
+    .tp_methods = Bloom_methods,
+    .tp_init = (initproc)Bloom_init,
+    .tp_new = PyType_GenericNew,
+};
+
+/*
  * splitFrames(frameType, buffer, limit) -> (frames, consumed)
  *
  * Cut the complete records at the start of buffer into frameType tuples
@@ -678,7 +771,8 @@ static PyMethodDef module_methods[] = {
 static struct PyModuleDef speedupsModule = {
     PyModuleDef_HEAD_INIT,
     .m_name = "imxd.wire._speedups",
-    .m_doc = "The record codec's hot path in C; imxd/wire/records.py is the reference.",
+    .m_doc = "The record codec's hot path and the seen filter's Bloom filter in C; "
+             "imxd/wire/records.py and imxd/store/seenfilter.py are the reference.",
     .m_size = -1,
     .m_methods = module_methods,
 };
@@ -686,12 +780,13 @@ static struct PyModuleDef speedupsModule = {
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
-    if (PyType_Ready(&SchemaType) < 0)
+    if (PyType_Ready(&SchemaType) < 0 || PyType_Ready(&BloomType) < 0)
         return NULL;
     PyObject *module = PyModule_Create(&speedupsModule);
     if (module == NULL)
         return NULL;
-    if (PyModule_AddObjectRef(module, "Schema", (PyObject *)&SchemaType) < 0) {
+    if (PyModule_AddObjectRef(module, "Schema", (PyObject *)&SchemaType) < 0 ||
+        PyModule_AddObjectRef(module, "Bloom", (PyObject *)&BloomType) < 0) {
         Py_DECREF(module);
         return NULL;
     }

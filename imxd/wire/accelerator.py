@@ -1,9 +1,10 @@
 """
-The C accelerator of the codec (C{imxd/wire/_speedups.c}), when it is
-built: it takes the path a valid record takes and leaves everything else
-to the Python codec in L{imxd.wire.records} and L{imxd.wire.framing},
-which is the reference.  C{IMXD_PURE_PYTHON=1} in the environment turns it
-off.
+The C accelerator (C{imxd/wire/_speedups.c}), when it is built: for the
+codec it takes the path a valid record takes and leaves everything else to
+the Python codec in L{imxd.wire.records} and L{imxd.wire.framing}, which
+is the reference; it also holds the Bloom filter of
+L{imxd.store.seenfilter}.  C{IMXD_PURE_PYTHON=1} in the environment turns
+it off.
 """
 
 import os
