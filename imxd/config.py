@@ -127,7 +127,7 @@ class LimitsConfig:
     maxConnectionsPerDomain: int = 4
     maxPendingDialbacksPerAddress: int = 8
     maxOutboundPerPeer: int = 2
-    maxRequestsInProgress: int = 1000
+    maxRequestsInProgress: int = 10000
     domainRate: int = 10000
     domainBurst: int = 20000
     rateExemptDomains: tuple[str, ...] = ()
@@ -161,7 +161,7 @@ class QueueConfig:
     giveUpAfter: float = 86400.0
     retryInitial: float = 5.0
     retryMax: float = 300.0
-    window: int = 1000
+    window: int = 5000
     maxQueued: int = 1000000
     dedupeWindow: float = 172800.0
     writeBehind: float = 0.05
@@ -905,7 +905,7 @@ _LIMITS = _table(
         8,
     ),
     _Key("max_outbound_per_peer", "maxOutboundPerPeer", _integer(1), 2),
-    _Key("max_requests_in_progress", "maxRequestsInProgress", _integer(1), 1000),
+    _Key("max_requests_in_progress", "maxRequestsInProgress", _integer(1), 10000),
     _Key("domain_rate", "domainRate", _integer(0), 10000),
     _Key("domain_burst", "domainBurst", _integer(1), 20000),
     _Key(
@@ -922,7 +922,7 @@ _QUEUE = _table(
     _Key("give_up_after", "giveUpAfter", _positiveNumber, 86400.0),
     _Key("retry_initial", "retryInitial", _positiveNumber, 5.0),
     _Key("retry_max", "retryMax", _positiveNumber, 300.0),
-    _Key("window", "window", _integer(1, 100000), 1000),
+    _Key("window", "window", _integer(1, 100000), 5000),
     _Key("max_queued", "maxQueued", _integer(1), 1000000),
     _Key("dedupe_window", "dedupeWindow", _positiveNumber, 172800.0),
     _Key("write_behind", "writeBehind", _delay(1.0), 0.05),
