@@ -724,10 +724,12 @@ def endpointProblem(value: str) -> "str | None":
     @return: L{None} when it is valid, else the reason, one line.
     """
     from twisted.internet.endpoints import serverFromString
-    from twisted.internet.testing import MemoryReactor
 
     try:
-        endpoint = serverFromString(MemoryReactor(), value)
+        # Parsing only keeps the reactor for later: none is needed (and
+        # twisted.internet.testing would load the test framework into
+        # the server).
+        endpoint = serverFromString(object(), value)
     except Exception as e:
         reason = " ".join(str(e).split()) or type(e).__name__
         return f"bad endpoint {value!r}: {reason}"
