@@ -41,6 +41,7 @@ from imxd.wire import (
     EncodeError,
     Error,
     ErrorCode,
+    Frame,
     FrameDecoder,
     Hello,
     Ping,
@@ -52,6 +53,7 @@ from imxd.wire import (
     decodeRecord,
     encodeRecord,
 )
+from imxd.wire.records import FAST_SCHEMAS
 
 #: Seconds allowed for the peer's CLOSE after ours, and for a refused
 #: connection's last bytes to drain, before the TCP connection is aborted.
@@ -235,7 +237,7 @@ class PeerProtocol(Protocol):
         self.version = None
         self.peerHello = None
         self.sendLimit = MINIMUM_MAX_RECORD
-        self._decoder = FrameDecoder(self.settings.maxRecordSize)
+        self._decoder = FrameDecoder(self.settings.maxRecordSize, schemas=FAST_SCHEMAS)
         self._pending = {}
         self._tags = itertools.count(1)
         self._handshakeTimer = None
@@ -468,18 +470,21 @@ class PeerProtocol(Protocol):
         except WireError as e:
             self._refuse(e.code, str(e), e.tag)
             return
-        for index, frame in enumerate(frames):
+        for index, record in enumerate(frames):
             if self.state is PeerState.CLOSED:
                 return
-            try:
-                record = decodeRecord(frame)
-            except WireError as e:
-                if e.fatal:
-                    self._refuse(e.code, str(e), e.tag)
-                    return
-                self.factory.count("records-refused")
-                self.sendRecord(Error(tag=e.tag, code=e.code, text=str(e)))
-                continue
+            if type(record) is Frame:
+                # Not decoded as it was framed (no accelerator, or not a
+                # plain valid record): the Python codec decides.
+                try:
+                    record = decodeRecord(record)
+                except WireError as e:
+                    if e.fatal:
+                        self._refuse(e.code, str(e), e.tag)
+                        return
+                    self.factory.count("records-refused")
+                    self.sendRecord(Error(tag=e.tag, code=e.code, text=str(e)))
+                    continue
             self._dispatch(record)
             if self._upgradeAfterRead is not None:
                 trailing = len(frames) - index - 1 or self._decoder.buffered()
@@ -693,7 +698,7 @@ class PeerProtocol(Protocol):
         )
         self.state = PeerState.AWAITING_HELLO
         self.peerHello = None
-        self._decoder = FrameDecoder(self.settings.maxRecordSize)
+        self._decoder = FrameDecoder(self.settings.maxRecordSize, schemas=FAST_SCHEMAS)
         self._greet()
 
     def _restartHandshakeClock(self):

@@ -18,6 +18,7 @@ from imxd.wire.framing import Frame
 from imxd.store.seenfilter import Bloom
 from imxd.wire import framing
 from imxd.wire.records import (
+    FAST_SCHEMAS,
     Ack,
     Message,
     Report,
@@ -170,6 +171,39 @@ class AcceleratorTests(SynchronousTestCase):
 
         self.assertEqual(cut(speedups), cut(None))
 
+    @settings(propertySettings, max_examples=500)
+    @given(data=anyBytes, chunk=st.integers(1, 64))
+    def test_splitRecordsAgrees(self, data, chunk):
+        """
+        Framing with the schemas gives, for each frame, either the frame
+        (which the Python codec then decodes or refuses) or the record the
+        Python codec decodes from it, with the same error at the same
+        point.
+        """
+
+        def cut(schemas):
+            decoder = framing.FrameDecoder(65536, expectPreamble=False, schemas=schemas)
+            items = []
+            try:
+                for i in range(0, len(data), chunk):
+                    items.extend(decoder.feed(data[i : i + chunk]))
+            except WireError as e:
+                return items, str(e)
+            return items, None
+
+        frames, error = cut(None)
+        items, itsError = cut(FAST_SCHEMAS)
+        self.assertEqual(itsError, error)
+        self.assertEqual(len(items), len(frames))
+        for item, frame in zip(items, frames):
+            if type(item) is Frame:
+                self.assertEqual(item, frame)
+                continue
+            reference = decodeReference(frame)
+            self.assertEqual(item, reference)
+            self.assertEqual((item.tag, item.response, item.mustUnderstand, item._wire),
+                             (reference.tag, reference.response, reference.mustUnderstand, reference._wire))
+
     def test_splitFramesKeepsFrameType(self):
         """
         The frames cut in C are L{Frame}s, their fields named.
@@ -276,6 +310,7 @@ class AcceleratorTests(SynchronousTestCase):
             Message._FAST.frame(record, None)
             Message._FAST.frame(record, 9)
             speedups.splitFrames(Frame, stream, 1 << 20)
+            speedups.splitFrames(Frame, stream, 1 << 20, FAST_SCHEMAS)
         after = [sys.getrefcount(x) for x in (Message, body, broken, record.sender)]
         self.assertEqual(before, after)
 

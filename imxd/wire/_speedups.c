@@ -219,18 +219,10 @@ setSlot(PyObject *descriptor, PyObject *object, PyObject *value)
 
 #define SMALL_SCHEMA 16
 
+/* The record a body holds, None (a new reference) to decline, NULL on error. */
 static PyObject *
-Schema_decode(SchemaObject *self, PyObject *const *args, Py_ssize_t nargs)
+decodeBody(SchemaObject *self, unsigned long flags, PyObject *tag, PyObject *body)
 {
-    if (nargs != 3 || !PyBytes_Check(args[2])) {
-        PyErr_SetString(PyExc_TypeError, "decode(flags, tag, body: bytes)");
-        return NULL;
-    }
-    unsigned long flags = PyLong_AsUnsignedLong(args[0]);
-    if (flags == (unsigned long)-1 && PyErr_Occurred())
-        return NULL;
-    PyObject *tag = args[1];
-    PyObject *body = args[2];
     const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(body);
     Py_ssize_t end = PyBytes_GET_SIZE(body);
     Py_ssize_t count = self->count;
@@ -326,6 +318,19 @@ done:
     if (values != small)
         PyMem_Free(values);
     return result;
+}
+
+static PyObject *
+Schema_decode(SchemaObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyBytes_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "decode(flags, tag, body: bytes)");
+        return NULL;
+    }
+    unsigned long flags = PyLong_AsUnsignedLong(args[0]);
+    if (flags == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    return decodeBody(self, flags, args[1], args[2]);
 }
 
 /* A growing output buffer: on the caller's stack until it outgrows it. */
@@ -701,22 +706,26 @@ static PyTypeObject BloomType = {
 };
 
 /*
- * splitFrames(frameType, buffer, limit) -> (frames, consumed)
+ * splitFrames(frameType, buffer, limit[, schemas]) -> (items, consumed)
  *
  * Cut the complete records at the start of buffer into frameType tuples
  * (type, flags, tag, body).  It stops at the first record that is not
  * complete or whose header announces more than limit octets: the caller
  * (imxd/wire/framing.py) looks at what is left and raises for the latter.
+ * With schemas (a dict of Schema by record type), a record its schema
+ * decodes is given decoded, in place of its frame.
  */
 static PyObject *
 splitFrames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
-    if (nargs != 3 || !PyType_Check(args[0]) ||
-        !PyType_IsSubtype((PyTypeObject *)args[0], &PyTuple_Type)) {
-        PyErr_SetString(PyExc_TypeError, "splitFrames(frameType, buffer, limit)");
+    if ((nargs != 3 && nargs != 4) || !PyType_Check(args[0]) ||
+        !PyType_IsSubtype((PyTypeObject *)args[0], &PyTuple_Type) ||
+        (nargs == 4 && args[3] != Py_None && !PyDict_Check(args[3]))) {
+        PyErr_SetString(PyExc_TypeError, "splitFrames(frameType, buffer, limit[, schemas])");
         return NULL;
     }
+    PyObject *schemas = nargs == 4 && args[3] != Py_None ? args[3] : NULL;
     PyTypeObject *frameType = (PyTypeObject *)args[0];
     Py_ssize_t limit = PyLong_AsSsize_t(args[2]);
     if (limit == -1 && PyErr_Occurred())
@@ -734,24 +743,57 @@ splitFrames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         unsigned long length = readU32(header);
         if (length > (unsigned long)limit || length > (unsigned long)(end - offset - 12))
             break;
-        PyObject *frame = frameType->tp_alloc(frameType, 4);
-        if (frame == NULL)
-            goto fail;
         PyObject *items[4] = {
             PyLong_FromUnsignedLong(readU16(header + 4)),
             PyLong_FromUnsignedLong(readU16(header + 6)),
             PyLong_FromUnsignedLong(readU32(header + 8)),
             PyBytes_FromStringAndSize((const char *)header + 12, (Py_ssize_t)length),
         };
-        for (int i = 0; i < 4; i++)
-            PyTuple_SET_ITEM(frame, i, items[i]);
-        if (items[0] == NULL || items[1] == NULL || items[2] == NULL || items[3] == NULL ||
-            PyList_Append(frames, frame) < 0) {
-            Py_DECREF(frame);
+        offset += 12 + (Py_ssize_t)length;
+        if (items[0] == NULL || items[1] == NULL || items[2] == NULL || items[3] == NULL) {
+            for (int i = 0; i < 4; i++)
+                Py_XDECREF(items[i]);
             goto fail;
         }
+        if (schemas != NULL) {
+            PyObject *schema = PyDict_GetItemWithError(schemas, items[0]);
+            if (schema == NULL && PyErr_Occurred()) {
+                for (int i = 0; i < 4; i++)
+                    Py_DECREF(items[i]);
+                goto fail;
+            }
+            if (schema != NULL && Py_IS_TYPE(schema, &SchemaType)) {
+                PyObject *record = decodeBody((SchemaObject *)schema, readU16(header + 6),
+                                              items[2], items[3]);
+                if (record != NULL && record != Py_None) {
+                    for (int i = 0; i < 4; i++)
+                        Py_DECREF(items[i]);
+                    int appended = PyList_Append(frames, record);
+                    Py_DECREF(record);
+                    if (appended < 0)
+                        goto fail;
+                    continue;
+                }
+                if (record == NULL) {
+                    for (int i = 0; i < 4; i++)
+                        Py_DECREF(items[i]);
+                    goto fail;
+                }
+                Py_DECREF(record); /* declined: the frame goes to the reference */
+            }
+        }
+        PyObject *frame = frameType->tp_alloc(frameType, 4);
+        if (frame == NULL) {
+            for (int i = 0; i < 4; i++)
+                Py_DECREF(items[i]);
+            goto fail;
+        }
+        for (int i = 0; i < 4; i++)
+            PyTuple_SET_ITEM(frame, i, items[i]);
+        int appended = PyList_Append(frames, frame);
         Py_DECREF(frame);
-        offset += 12 + (Py_ssize_t)length;
+        if (appended < 0)
+            goto fail;
     }
     PyBuffer_Release(&view);
     return Py_BuildValue("(Nn)", frames, offset);
@@ -763,8 +805,8 @@ fail:
 
 static PyMethodDef module_methods[] = {
     {"splitFrames", (PyCFunction)(void (*)(void))splitFrames, METH_FASTCALL,
-     "splitFrames(frameType, buffer, limit) -> (frames, consumed): the complete records at the "
-     "start of buffer."},
+     "splitFrames(frameType, buffer, limit[, schemas]) -> (items, consumed): the complete "
+     "records at the start of buffer, as frames, or decoded where schemas decode them."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -47,12 +47,17 @@ class FrameDecoder:
     either error the decoder stays failed: framing is lost.
     """
 
-    def __init__(self, maxRecordSize, expectPreamble=True):
+    def __init__(self, maxRecordSize, expectPreamble=True, schemas=None):
         """
         @param maxRecordSize: the largest body accepted, in bytes.
         @param expectPreamble: whether the stream starts with L{PREAMBLE}.
+        @param schemas: the accelerator's record schemas by type
+            (L{imxd.wire.records.FAST_SCHEMAS}), or L{None}: with them (and
+            the accelerator), L{feed} gives each record its schema decodes
+            already decoded, in place of its frame.
         """
         self.maxRecordSize = maxRecordSize
+        self._schemas = schemas
         self._preambleSeen = 0 if expectPreamble else len(PREAMBLE)
         self._buffer = bytearray()
         self._failure = None
@@ -69,7 +74,8 @@ class FrameDecoder:
         Add received bytes.
 
         @param data: the bytes that arrived.
-        @return: the frames completed by them, in order.
+        @return: the frames completed by them, in order (with
+            C{schemas}: some of them decoded already, as records).
         @rtype: L{list} of L{Frame}
         @raise WireError: the stream is not valid IMX framing.
         """
@@ -85,7 +91,7 @@ class FrameDecoder:
             offset = 0
         else:
             # The complete records in C; what stops it is looked at below.
-            frames, offset = speedups.splitFrames(Frame, buffer, limit)
+            frames, offset = speedups.splitFrames(Frame, buffer, limit, self._schemas)
         end = len(buffer)
         while end - offset >= HEADER_SIZE:
             length, recordType, flags, tag = HEADER.unpack_from(buffer, offset)

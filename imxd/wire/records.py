@@ -561,6 +561,11 @@ ADMIN_TYPES = frozenset(
 )
 
 
+#: The accelerator's schema of every record class, by type (empty without
+#: the accelerator): what a L{FrameDecoder} decodes with as it frames.
+FAST_SCHEMAS = {t: cls._FAST for t, cls in RECORD_CLASSES.items() if cls._FAST is not None}
+
+
 def encodeBody(record):
     """
     Encode a record's fields, in the order its class declares them.
