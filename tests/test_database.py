@@ -10,6 +10,7 @@ import sys
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from imxd.callbacks import Callbacks
 from imxd.router import Router
 from imxd.store import Database, OutboundStore, SeenStore, StoreError
 from imxd.store.database import Rows
@@ -386,6 +387,29 @@ class WriteLaterTests(SynchronousTestCase):
         self.assertEqual(self.values(), [7])
         self.flushLoggedErrors()
 
+    def test_everyProviderAsked(self):
+        """
+        When one provider raises, the others are still asked (none keeps
+        rows that no later commit would ask for), and those waiting on
+        their writes hear of the failure.
+        """
+        told = []
+
+        def broken(final, waiting):
+            raise ValueError("no rows today")
+
+        def other(final, waiting):
+            waiting.append(Callbacks(told.append, lambda f: told.append(f.value), ()))
+            return [("INSERT INTO t VALUES (?)", [(1,)])]
+
+        self.database.writeLater(broken)
+        self.database.writeLater(other)
+        self.clock.advance(0)
+        [failure] = told
+        self.assertIsInstance(failure, StoreError)
+        self.assertEqual(self.values(), [])
+        self.flushLoggedErrors()
+
     def test_nothingLeft(self):
         """
         When the provider has nothing left to write, no transaction is run
@@ -449,6 +473,49 @@ class OutboundStoreWriteBehindTests(SynchronousTestCase):
         self.clock.advance(0.001)
         self.assertEqual([e.record.messageId for e in self.store.load()], ["m1", "m2"])
         self.assertEqual(told, ["m1", "m2"])
+
+    def test_churnQueuesOnce(self):
+        """
+        However messages come and go before they are written, the store is
+        queued with the database once, not once per emptying.
+        """
+        for n in range(200):
+            kept = self.add(f"k{n}")
+            self.store.remove(self.add(f"e{n}").seq)
+            self.clock.advance(0.001)
+            self.assertLessEqual(len(self.database._pending), 1)
+            self.store.remove(kept.seq)
+            self.clock.advance(0.001)
+        self.assertLessEqual(len(self.database._pending), 1)
+        self.assertEqual(self.database.writes, 0)
+
+    def test_clockSetBack(self):
+        """
+        A message stamped later than the clock now says (the clock was set
+        back) is written with the next commit, not held until the clock
+        catches up.
+        """
+        self.clock.advance(1000)
+        self.add("m1")
+        self.clock.rightNow = 100.0
+        # Another write brings the commit forward (the clock's own timers
+        # wait for the time they were set for).
+        self.database.write("DELETE FROM outbound WHERE seq = ?", (0,))
+        self.clock.advance(0)
+        self.assertEqual([e.record.messageId for e in self.store.load()], ["m1"])
+
+    def test_notWaiting(self):
+        """
+        C{whenWritten} for a message that is not waiting to be written
+        calls neither function.
+        """
+        entry = self.add("m1")
+        self.clock.advance(0.005)
+        told = []
+        self.store.whenWritten(entry.seq, told.append, told.append)
+        self.store.whenWritten(12345, told.append, told.append)
+        self.clock.advance(0.1)
+        self.assertEqual(told, [])
 
     def test_flushWritesAll(self):
         """

@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from imxd.wire import RECORD_CLASSES, EncodeError, FrameDecoder, WireError, encodeRecord
 from imxd.wire.constants import Field
-from imxd.wire.framing import Frame
+from imxd.wire.framing import Frame, encodeFrame
 from imxd.store.seenfilter import Bloom
 from imxd.wire import framing
 from imxd.wire.records import (
@@ -302,7 +302,7 @@ class AcceleratorTests(SynchronousTestCase):
         body = encodeBody(record)
         broken = body + b"\x00"
         before = [sys.getrefcount(x) for x in (Message, body, broken, record.sender)]
-        stream = bytearray(encodeRecord(record) * 3)
+        stream = bytearray(encodeRecord(record) * 3 + encodeFrame(Message.TYPE, 0, 7, broken))
         for _ in range(1000):
             Message._FAST.decode(0, 7, body)
             Message._FAST.decode(0, 7, broken)
@@ -366,11 +366,15 @@ class BloomTests(SynchronousTestCase):
 
     def test_checksArguments(self):
         """
-        A size that is not a power of two, and a hash that is not an
-        integer, are refused.
+        A size that is not a power of two, a filter not initialised, and a
+        hash that is not an integer, are refused.
         """
         for words in (0, 3, -4):
             self.assertRaises(ValueError, speedups.Bloom, words)
+            self.assertRaises(ValueError, Bloom, words)
+        bare = speedups.Bloom.__new__(speedups.Bloom)
+        self.assertRaises(ValueError, bare.add, 1)
+        self.assertRaises(ValueError, bare.mayContain, 1)
         bloom = speedups.Bloom(8)
         self.assertRaises(TypeError, bloom.add, "1")
         self.assertRaises(TypeError, bloom.mayContain, 1.5)

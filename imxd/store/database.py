@@ -533,12 +533,21 @@ def _resolved(pending, final, told):
         queued by L{Database.writeLater} gives now in its place.
     """
     resolved = []
+    error = None
     for statement in pending:
         if len(statement) == 1:
-            given = statement[0](final, told)
+            # Every provider is asked, even after one failed: none may keep
+            # rows that no later commit would ask for.
+            try:
+                given = statement[0](final, told)
+            except Exception as e:
+                error = error or e
+                continue
             resolved.extend((sql, rows, True) for sql, rows in given if rows)
         else:
             resolved.append(statement)
+    if error is not None:
+        raise error
     return resolved
 
 

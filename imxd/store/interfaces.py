@@ -24,9 +24,10 @@ class IOutboundStore(Interface):
     def whenWritten(seq, onWritten, onFailure, *args):
         """
         Call C{onWritten(None, *args)} once the message numbered C{seq}
-        (just added) is durable, or C{onFailure(failure, *args)} if the
-        commit that was to write it failed; neither if it is removed before
-        it is written.
+        (just added: before the next commit is put together) is durable,
+        or C{onFailure(failure, *args)} if the commit that was to write it
+        failed; neither if it is removed before it is written, or if it is
+        not waiting to be written.
         """
 
     def remove(seq):

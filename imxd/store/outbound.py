@@ -86,6 +86,8 @@ class OutboundStore(Stored):
         # in the order added: [row, clock time added, Callbacks or None].
         # One removed before then is never written (nor deleted).
         self._unwritten = {}
+        # Whether _takeUnwritten is queued with the database (once).
+        self._queued = False
 
     def add(self, origin, remote, record, accepted):
         """
@@ -94,7 +96,8 @@ class OutboundStore(Stored):
         seq = self._next
         row = (seq, origin, remote, accepted, encodeRecord(record))
         self._next += 1
-        if not self._unwritten:
+        if not self._queued:
+            self._queued = True
             self.database.writeLater(self._takeUnwritten, self.writeBehind)
         self._unwritten[seq] = [row, self._clock.seconds(), None]
         return QueuedMessage(seq, origin, remote, record, accepted)
@@ -104,9 +107,7 @@ class OutboundStore(Stored):
         See L{IOutboundStore.whenWritten}.
         """
         unwritten = self._unwritten.get(seq)
-        if unwritten is None:
-            self.database.whenCommitted(onWritten, onFailure, *args)
-        else:
+        if unwritten is not None:
             unwritten[2] = Callbacks(onWritten, onFailure, args)
 
     def _takeUnwritten(self, final, told):
@@ -116,6 +117,7 @@ class OutboundStore(Stored):
         removed since; those waiting for them are told with the
         transaction.  The rest wait for a later one.
         """
+        self._queued = False
         unwritten = self._unwritten
         if final or not self.writeBehind:
             taken = list(unwritten.values())
@@ -125,14 +127,18 @@ class OutboundStore(Stored):
             due = now - self.writeBehind
             taken = []
             for each in unwritten.values():
-                if each[1] > due:
+                # Due, or stamped in the future (the clock was set back).
+                if due < each[1] <= now:
                     break
                 taken.append(each)
             for each in taken:
                 del unwritten[each[0][0]]
             if unwritten:
                 first = next(iter(unwritten.values()))
-                self.database.writeLater(self._takeUnwritten, max(0.0, first[1] - due))
+                self._queued = True
+                self.database.writeLater(
+                    self._takeUnwritten, min(self.writeBehind, max(0.0, first[1] - due))
+                )
         told.extend(each[2] for each in taken if each[2] is not None)
         return [(_INSERT, [each[0] for each in taken])]
 

@@ -49,6 +49,8 @@ class Bloom:
         """
         @param words: 64-bit words (a power of two).
         """
+        if words < 1 or words & (words - 1):
+            raise ValueError("Bloom(words): a power of two")
         self._words = array("Q", bytes(8 * words))
         self._mask = words - 1
 

@@ -667,11 +667,20 @@ bloomProbe(PyObject *hash, unsigned long long *index, unsigned long long *bits)
     return 0;
 }
 
+static int
+bloomReady(BloomObject *self)
+{
+    if (self->words != NULL)
+        return 0;
+    PyErr_SetString(PyExc_ValueError, "Bloom(words) was not initialised");
+    return -1;
+}
+
 static PyObject *
 Bloom_add(BloomObject *self, PyObject *hash)
 {
     unsigned long long index, bits;
-    if (bloomProbe(hash, &index, &bits) < 0)
+    if (bloomReady(self) < 0 || bloomProbe(hash, &index, &bits) < 0)
         return NULL;
     self->words[index & self->mask] |= bits;
     Py_RETURN_NONE;
@@ -681,7 +690,7 @@ static PyObject *
 Bloom_mayContain(BloomObject *self, PyObject *hash)
 {
     unsigned long long index, bits;
-    if (bloomProbe(hash, &index, &bits) < 0)
+    if (bloomReady(self) < 0 || bloomProbe(hash, &index, &bits) < 0)
         return NULL;
     return PyBool_FromLong((self->words[index & self->mask] & bits) == bits);
 }
@@ -721,7 +730,7 @@ splitFrames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     (void)module;
     if ((nargs != 3 && nargs != 4) || !PyType_Check(args[0]) ||
         !PyType_IsSubtype((PyTypeObject *)args[0], &PyTuple_Type) ||
-        (nargs == 4 && args[3] != Py_None && !PyDict_Check(args[3]))) {
+        (nargs == 4 && args[3] != Py_None && !PyDict_CheckExact(args[3]))) {
         PyErr_SetString(PyExc_TypeError, "splitFrames(frameType, buffer, limit[, schemas])");
         return NULL;
     }
@@ -763,8 +772,11 @@ splitFrames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                 goto fail;
             }
             if (schema != NULL && Py_IS_TYPE(schema, &SchemaType)) {
+                /* Held: decoding may run the collector, and with it any code. */
+                Py_INCREF(schema);
                 PyObject *record = decodeBody((SchemaObject *)schema, readU16(header + 6),
                                               items[2], items[3]);
+                Py_DECREF(schema);
                 if (record != NULL && record != Py_None) {
                     for (int i = 0; i < 4; i++)
                         Py_DECREF(items[i]);
