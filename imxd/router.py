@@ -120,8 +120,10 @@ class Router:
             received.
         @param dedupeWindow: seconds a MESSAGE_ID is remembered.
         @param maxInProgress: records one hosted domain may be handling at
-            once; more are refused for now (C{resource-limit}), so a slow
-            backend slows its senders without holding up other domains.
+            once from one sending domain; more are refused for now
+            (C{resource-limit}), so a slow backend slows its senders
+            without holding up other domains, and a busy sender does not
+            hold up the others.
         """
         self.aggregator = aggregator
         self.pool = pool
@@ -305,11 +307,12 @@ class Router:
             refusal = Refused(ErrorCode.RELAY_DENIED, f"{receiving} is not hosted here")
         elif origin in domain.config.policy.blockedDomains:
             refusal = Refused(ErrorCode.BLOCKED, f"{receiving} does not accept traffic from {origin}")
-        elif self._inProgress[receiving] >= self.maxInProgress:
+        elif self._inProgress[(origin, receiving)] >= self.maxInProgress:
             self.busyRefusals += 1
             refusal = Refused(
                 ErrorCode.RESOURCE_LIMIT,
-                f"{receiving} is handling {self.maxInProgress} requests; try again shortly",
+                f"{receiving} is handling {self.maxInProgress} requests from {origin}; "
+                "try again shortly",
                 retryAfter=1,
             )
         else:
@@ -317,8 +320,9 @@ class Router:
         if refusal is not None:
             onFailure(Failure(refusal), *args)
             return
-        self._inProgress[receiving] += 1
-        waiting = (receiving, onAnswer, onFailure, args)
+        pair = (origin, receiving)
+        self._inProgress[pair] += 1
+        waiting = (pair, onAnswer, onFailure, args)
         if not isinstance(record, Message):
             domain.receive(withTag(record, 0) if record.tag else record).addBoth(
                 self._handled, waiting
@@ -364,10 +368,10 @@ class Router:
         """
         Answer one delivery with C{outcome} (a result or a L{Failure}).
         """
-        receiving, onAnswer, onFailure, args = waiting
-        self._inProgress[receiving] -= 1
-        if not self._inProgress[receiving]:
-            del self._inProgress[receiving]
+        pair, onAnswer, onFailure, args = waiting
+        self._inProgress[pair] -= 1
+        if not self._inProgress[pair]:
+            del self._inProgress[pair]
         try:
             if isinstance(outcome, Failure):
                 onFailure(outcome, *args)
@@ -375,4 +379,4 @@ class Router:
                 onAnswer(outcome, *args)
         except Exception:
             # The other copies of the message are still answered.
-            self.log.failure("answering a delivery to {domain} failed", domain=receiving)
+            self.log.failure("answering a delivery to {domain} failed", domain=pair[1])

@@ -945,6 +945,35 @@ class BackPressureTests(FederationTestsMixin, SynchronousTestCase):
         self.assertNoResult(again)
         self.assertEqual(len(pending), 3)
 
+    def test_busyCountedPerSender(self):
+        """
+        max_requests_in_progress counts each sending domain apart: one
+        sender at its limit does not make the hosted domain refuse another.
+        """
+        c = self.network.server(
+            "10.0.0.5", ["e.test"], limits=LimitsConfig(maxRequestsInProgress=2)
+        )
+        d = self.network.server("10.0.0.6", ["d.test"])
+        pending = []
+
+        def slow(message):
+            pending.append(Deferred())
+            return pending[-1]
+
+        backendOf(c, "e.test").deliverMessage = slow
+        fromA = [send(self.a, message("alice@a.test", f"u{n}@e.test", f"a{n}")) for n in range(3)]
+        fromD = [send(d, message("dora@d.test", f"u{n}@e.test", f"d{n}")) for n in range(2)]
+        self.network.flush()
+        self.assertEqual(len(pending), 4)
+        self.assertEqual(self.failureResultOf(fromA[2], RemoteError).value.code, ErrorCode.RESOURCE_LIMIT)
+        for each in fromA[:2] + fromD:
+            self.assertNoResult(each)
+        for each in pending:
+            each.callback(None)
+        self.network.flush()
+        for each in fromA[:2] + fromD:
+            self.assertIsInstance(self.successResultOf(each), Ack)
+
     def test_peerThatDoesNotReadIsNotRead(self):
         """
         When the transport's write buffer to a peer fills (it pauses the
