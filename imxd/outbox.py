@@ -116,8 +116,8 @@ class Outbox:
 
     @ivar depth: messages held.
     @ivar counters: C{delivered}, C{failed}, C{given-up}, C{retries},
-        C{never-written} (messages that ended before their commit was put
-        together).
+        C{slowed} (busy refusals that halved a window), C{never-written}
+        (messages that ended before their commit was put together).
     """
 
     log = Logger()
@@ -338,6 +338,18 @@ class Outbox:
             self._giveUp(entry, refusal)
         elif isinstance(refusal, RemoteError) and refusal.code in _PER_MESSAGE:
             self._delay(queue, entry, refusal)
+        elif (
+            isinstance(refusal, RemoteError)
+            and refusal.code == ErrorCode.RESOURCE_LIMIT
+            and queue.inFlight
+            and queue.retryAt is None
+        ):
+            # The receiver is busy with what this queue has in flight: send
+            # less at once (half of what is in flight), without stopping;
+            # the answers still due send the message again.
+            queue.returned.append(entry)
+            queue.window = max(1, min(queue.window, len(queue.inFlight)) // 2)
+            self.counters["slowed"] += 1
         else:
             queue.returned.append(entry)
             self._backOff(queue, refusal)
@@ -534,7 +546,7 @@ class Outbox:
         now = self.clock.seconds()
         lines = [("queue-depth", str(self.depth))]
         lines += [(f"queue-{name}", str(self.counters[name]))
-                  for name in ("delivered", "failed", "given-up", "retries", "never-written")]
+                  for name in ("delivered", "failed", "given-up", "retries", "slowed", "never-written")]
         for remote in sorted(self.queues):
             queue = self.queues[remote]
             entries = queue.entries()

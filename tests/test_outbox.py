@@ -1148,6 +1148,32 @@ class OutboxTests(SynchronousTestCase):
         self.clock.advance(0.1)
         self.assertEqual(len(self.transmit.calls), 2)
 
+    def test_busyReceiverHalvesWindow(self):
+        """
+        A remote C{resource-limit} while other messages are in flight
+        halves the window and sends the message again as answers come,
+        without a backoff; with nothing else in flight it is a backoff
+        (RETRY_AFTER obeyed).
+        """
+        for n in range(3):
+            self.submit(f"m{n}")
+        busy = RemoteError(Error(code=ErrorCode.RESOURCE_LIMIT, text="busy", retryAfter=1))
+        self.answer(2, busy)
+        queue = self.outbox.queues["b.test"]
+        self.assertIsNone(queue.retryAt)
+        self.assertEqual(queue.window, 1)
+        self.assertEqual(len(self.transmit.calls), 3)
+        self.answer(0)
+        self.assertEqual(self.transmit.sent()[3:], [("b.test", "m2")])
+        self.assertEqual(dict(self.outbox.status())["queue-slowed"], "1")
+        self.answer(1, busy)
+        self.answer(3, busy)
+        self.assertEqual(queue.retryAt, 1.0)
+        self.clock.advance(1)
+        self.answer(4)
+        self.answer(5)
+        self.assertEqual(sorted(m for m, _ in self.reports), ["m0", "m1", "m2"])
+
     def test_perMessage(self):
         """
         A remote C{recipient-unavailable} delays that message alone; its
