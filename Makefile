@@ -50,7 +50,7 @@ quicktest: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/python demo/demo.py
 
-# `make bench` runs every scenario (about 15 minutes, Prosody included);
+# `make bench` runs every scenario (about 7 minutes, Prosody included);
 # `make bench BENCH=quick` runs a short scenario 1 and ends with its JSON.
 BENCH ?= full
 bench: $(VENV)/.installed
