@@ -250,13 +250,18 @@ class ThreadedRobustnessTests(SynchronousTestCase):
         """
         A threaded database made before a fork (as C{twistd} makes the
         server, then forks to become a daemon) commits in the child: its
-        writer thread starts there.
+        writer thread starts there, and the child reads and writes on a
+        connection of its own, not on the one the parent opened.
         """
         script = FORK_SCRIPT.format(path=self.path)
         done = subprocess.run(
             [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
         )
-        self.assertEqual(done.stdout.split(), ["child-committed", "parent-saw-1"], done.stderr)
+        self.assertEqual(
+            done.stdout.split(),
+            ["child-connection-new", "child-committed", "parent-saw-1"],
+            done.stderr,
+        )
 
 
 FORK_SCRIPT = """
@@ -265,8 +270,10 @@ from twisted.internet import reactor
 from imxd.store import Database
 database = Database({path!r}, reactor, threaded=True)
 database.schema("CREATE TABLE t (x INTEGER)")
+before = database._db
 child = os.fork()
 if child == 0:
+    print("child-connection-" + ("new" if database._db is not before else "inherited"), flush=True)
     database.write("INSERT INTO t VALUES (1)")
     def committed(result):
         print("child-committed", flush=True)

@@ -15,6 +15,7 @@ import os
 import queue
 import sqlite3
 import threading
+import weakref
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -34,9 +35,16 @@ DURABILITY_MODES = {"full": "FULL", "normal": "NORMAL"}
 _processId = os.getpid()
 
 
+#: The databases open in this process, to be given new connections in a
+#: child after a fork.
+_OPEN = weakref.WeakSet()
+
+
 def _forked():
     global _processId
     _processId = os.getpid()
+    for database in list(_OPEN):
+        database._reconnectAfterFork()
 
 
 os.register_at_fork(after_in_child=_forked)
@@ -148,6 +156,11 @@ class Database:
         except OSError as e:
             raise StoreError(f"cannot open {path}: {e}") from None
         self._db = self._connect()
+        # Connections made before a fork: a child keeps them open, unused
+        # (SQLite forbids using them, and closing one could disturb the
+        # parent's locks and journal).
+        self._inherited = []
+        _OPEN.add(self)
         self._pending = []
         self._waiting = []
         self._call = None
@@ -174,6 +187,17 @@ class Database:
         except sqlite3.Error as e:
             raise StoreError(f"cannot open {self.path}: {e}") from None
         return connection
+
+    def _reconnectAfterFork(self):
+        """
+        In a child after a fork (C{twistd} forks to become a daemon after
+        building the server): put the connection made before aside and open
+        a new one (a file database; one in memory is the parent's copy).
+        """
+        if self._closed or self.path == ":memory:":
+            return
+        self._inherited.append(self._db)
+        self._db = self._connect()
 
     def schema(self, script):
         """
@@ -397,6 +421,7 @@ class Database:
         self._commit(onThread=False, final=True)
         self._closed = True
         self._db.close()
+        _OPEN.discard(self)
 
 
 def _transact(connection, pending):
