@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -289,3 +291,36 @@ class UserCommandTests(SynchronousTestCase):
             self.assertEqual(status, 1, argv)
             self.assertIn(words, err)
             self.assertEqual(err.count("\n"), 1)
+
+
+FORK_SCRIPT = """
+import os
+from imxd.backend.local.store import AccountStore
+store = AccountStore({path!r})
+store.addUser("ann@a.test", "secret-1")
+before = store._db
+child = os.fork()
+if child == 0:
+    print("child-connection-" + ("new" if store._db is not before else "inherited"), flush=True)
+    store.addUser("bob@a.test", "secret-2")
+    store.close()
+    os._exit(0)
+os.waitpid(child, 0)
+print("parent-sees-" + str(int(store.exists("bob@a.test"))), flush=True)
+"""
+
+
+class ForkTests(SynchronousTestCase):
+    """
+    The account store in a child after a fork (C{twistd} forks to become a
+    daemon after building the server).
+    """
+
+    def test_afterFork(self):
+        """
+        The child reads and writes on a connection of its own, and what it
+        writes is in the file.
+        """
+        script = FORK_SCRIPT.format(path=self.mktemp())
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+        self.assertEqual(done.stdout.split(), ["child-connection-new", "parent-sees-1"], done.stderr)

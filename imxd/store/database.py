@@ -35,16 +35,25 @@ DURABILITY_MODES = {"full": "FULL", "normal": "NORMAL"}
 _processId = os.getpid()
 
 
-#: The databases open in this process, to be given new connections in a
-#: child after a fork.
+#: What holds SQLite connections in this process, to be given new ones
+#: in a child after a fork (L{reconnectInChild}).
 _OPEN = weakref.WeakSet()
+
+
+def reconnectInChild(owner):
+    """
+    Have C{owner._reconnectAfterFork()} called in a child after a fork:
+    SQLite forbids using a connection made before one, and C{twistd}
+    forks to become a daemon after building the server.
+    """
+    _OPEN.add(owner)
 
 
 def _forked():
     global _processId
     _processId = os.getpid()
-    for database in list(_OPEN):
-        database._reconnectAfterFork()
+    for owner in list(_OPEN):
+        owner._reconnectAfterFork()
 
 
 os.register_at_fork(after_in_child=_forked)
@@ -160,7 +169,7 @@ class Database:
         # (SQLite forbids using them, and closing one could disturb the
         # parent's locks and journal).
         self._inherited = []
-        _OPEN.add(self)
+        reconnectInChild(self)
         self._pending = []
         self._waiting = []
         self._call = None

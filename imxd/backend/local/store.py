@@ -18,6 +18,7 @@ import os
 import sqlite3
 
 from imxd.address import Address, AddressError, normaliseDomain
+from imxd.store.database import reconnectInChild
 
 #: scrypt parameters: 16 MiB of memory per hash.
 SCRYPT_N = 2**14
@@ -137,15 +138,33 @@ class AccountStore:
             fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
             os.close(fd)
         self.path = path
-        self._db = sqlite3.connect(path, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db = self._connect()
         self._db.executescript(_SCHEMA)
+        # The connections made before a fork, kept open and unused in the
+        # child (see L{reconnectInChild}).
+        self._inherited = []
+        self._closed = False
+        reconnectInChild(self)
+
+    def _connect(self):
+        connection = sqlite3.connect(self.path, isolation_level=None)
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=NORMAL")
+        return connection
+
+    def _reconnectAfterFork(self):
+        """
+        In a child after a fork: a connection of its own (a file store).
+        """
+        if not self._closed and self.path != ":memory:":
+            self._inherited.append(self._db)
+            self._db = self._connect()
 
     def close(self):
         """
         Close the database.
         """
+        self._closed = True
         self._db.close()
 
     def _one(self, query, *arguments):
