@@ -920,8 +920,8 @@ class Federation(PeerFactory):
                 ErrorCode.RESOURCE_LIMIT,
                 f"this server has its maximum of {limits.maxConnectionsTotal} connections",
             )
-        host = _peerHost(protocol)
-        fromHost = sum(1 for c in self._inbound() if _peerHost(c) == host)
+        host = protocol.peerHost()
+        fromHost = sum(1 for c in self._inbound() if c.peerHost() == host)
         if fromHost >= limits.maxConnectionsPerAddress:
             return Refused(
                 ErrorCode.RESOURCE_LIMIT,
@@ -937,8 +937,8 @@ class Federation(PeerFactory):
         @return: a L{Refused} to send, or L{None}.
         """
         limits = self.limits
-        host = _peerHost(protocol)
-        pending = sum(c.awaitingSecret() for c in self._inbound() if _peerHost(c) == host)
+        host = protocol.peerHost()
+        pending = sum(c.awaitingSecret() for c in self._inbound() if c.peerHost() == host)
         if pending >= limits.maxPendingDialbacksPerAddress:
             return Refused(
                 ErrorCode.RESOURCE_LIMIT,
@@ -1113,13 +1113,3 @@ class Federation(PeerFactory):
             lines.append((f"count.{name}", value))
         return lines
 
-
-def _peerHost(protocol):
-    """
-    @return: the peer's IP address (or other address) as text.
-    """
-    try:
-        address = protocol.transport.getPeer()
-    except Exception:
-        return "?"
-    return getattr(address, "host", str(address))

@@ -1170,6 +1170,17 @@ class PeerProtocol(Protocol):
         self.factory.count("idle-closes")
         self.close("idle")
 
+    def peerHost(self):
+        """
+        @return: the peer's IP address (or other address) as text, what
+            the limits per source address count by.
+        """
+        try:
+            address = self.transport.getPeer()
+        except Exception:
+            return "?"
+        return getattr(address, "host", str(address))
+
     def _peerName(self):
         """
         @return: the peer's address for log lines.

@@ -16,6 +16,7 @@ from imxd.backend.link import (
     AUTH_TIMEOUT,
     ENVELOPE_ROOM,
     MAX_AUTH_FAILURES,
+    MAX_UNAUTHENTICATED_PER_ADDRESS,
     LinkBackend,
     LinkFactory,
     validateOptions,
@@ -107,9 +108,13 @@ class Raw:
     would not.
     """
 
-    def __init__(self, testCase, backends):
-        self.clock = Clock()
-        self.factory = LinkFactory(self.clock, backends)
+    def __init__(self, testCase, backends, factory=None):
+        """
+        @param factory: the L{LinkFactory} (the listener) to connect to, or
+            L{None} for a new one.
+        """
+        self.clock = Clock() if factory is None else factory.clock
+        self.factory = LinkFactory(self.clock, backends) if factory is None else factory
         self.handler = RecordingHandler()
         self.client = LinkClient(self.clock, CallableEndpoint(lambda p: None), {}, self.handler)
         self.protocol = self.client.factory.buildProtocol(None)
@@ -163,6 +168,26 @@ class ServerSideTests(SynchronousTestCase):
         linked.ask(LinkAuth(domain="a.test", secret=SECRET))
         linked.clock.advance(2 * AUTH_TIMEOUT)
         self.assertIs(linked.server.state, PeerState.OPEN)
+
+    def test_unauthenticatedPerAddress(self):
+        """
+        One address may hold L{MAX_UNAUTHENTICATED_PER_ADDRESS} link
+        connections that have not authenticated; one more is refused with
+        C{resource-limit} and closed; once one of them authenticates,
+        another may connect.
+        """
+        waiting = [self.raw] + [
+            Raw(self, [self.backend], self.raw.factory)
+            for _ in range(MAX_UNAUTHENTICATED_PER_ADDRESS - 1)
+        ]
+        self.assertTrue(all(r.server.state is PeerState.OPEN for r in waiting))
+        extra = Raw(self, [self.backend], self.raw.factory)
+        self.assertIs(extra.server.state, PeerState.CLOSED)
+        self.assertEqual(extra.server.closeReason.code, ErrorCode.RESOURCE_LIMIT)
+        self.assertEqual(self.raw.factory.counters["link-connections-refused"], 1)
+        waiting[0].ask(LinkAuth(domain="a.test", secret=SECRET))
+        another = Raw(self, [self.backend], self.raw.factory)
+        self.assertIs(another.server.state, PeerState.OPEN)
 
     def test_tooManyFailures(self):
         """

@@ -79,6 +79,11 @@ MAX_AUTH_FAILURES = 3
 #: otherwise keep them alive for good).
 AUTH_TIMEOUT = 30.0
 
+#: Link connections from one address that have not authenticated a domain
+#: yet, at most; one more is refused (C{resource-limit}) and closed, so
+#: that a stranger cannot fill the listener.  A backend needs one.
+MAX_UNAUTHENTICATED_PER_ADDRESS = 8
+
 #: Seconds a sending server is asked to wait while a link is down.
 RETRY_WHILE_DOWN = 5
 
@@ -419,9 +424,24 @@ class LinkServerProtocol(PeerProtocol):
 
     def connectionMade(self):
         """
-        Start the clock for L{AUTH_TIMEOUT}.
+        Start the clock for L{AUTH_TIMEOUT}, unless the address already has
+        L{MAX_UNAUTHENTICATED_PER_ADDRESS} connections waiting to
+        authenticate: then refuse this one.
         """
         super().connectionMade()
+        host = self.peerHost()
+        waiting = sum(
+            1
+            for c in self.factory.connections
+            if c is not self and not c.domains and c.peerHost() == host
+        )
+        if waiting >= MAX_UNAUTHENTICATED_PER_ADDRESS:
+            self.factory.count("link-connections-refused")
+            self._refuse(
+                ErrorCode.RESOURCE_LIMIT,
+                f"{host} already has {waiting} link connections that have not authenticated",
+            )
+            return
         self._authTimer = self.clock.callLater(AUTH_TIMEOUT, self._authTimedOut)
 
     def _authTimedOut(self):
