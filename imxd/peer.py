@@ -862,11 +862,10 @@ class PeerProtocol(Protocol):
         behind, self._behindAcks = self._behindAcks, []
         if self.state is PeerState.CLOSED or not acks:
             return
-        write = self.transport.write
         for start in range(0, len(acks), ACK_BATCH):
-            write(encodeRecord(Ack(tags=tuple(acks[start : start + ACK_BATCH]))))
+            self.sendRecord(Ack(tags=tuple(acks[start : start + ACK_BATCH])))
         for data in behind:
-            write(data)
+            self.transport.write(data)
 
     def answer(self, result, request):
         """

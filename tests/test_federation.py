@@ -33,6 +33,7 @@ from imxd.peer import ACK_BATCH
 from tests.network import Network, Stranger, message
 
 
+
 class MuteProtocol(FederationProtocol):
     """
     A server connection that never answers DIALBACK_VERIFY.
@@ -56,6 +57,24 @@ def backendOf(server, domain):
     @return: the memory backend of a hosted domain.
     """
     return server.aggregator.domain(domain).backend
+
+
+def slowBackend(server, domain):
+    """
+    Make the memory backend of C{domain} on C{server} take messages
+    without answering.
+
+    @return: the list of their unfired L{Deferred}s, in order, to answer
+        by hand.
+    """
+    pending = []
+
+    def slow(message):
+        pending.append(Deferred())
+        return pending[-1]
+
+    backendOf(server, domain).deliverMessage = slow
+    return pending
 
 
 def send(server, record, domain=None):
@@ -922,13 +941,7 @@ class BackPressureTests(FederationTestsMixin, SynchronousTestCase):
         c = self.network.server(
             "10.0.0.5", ["e.test", "f.test"], limits=LimitsConfig(maxRequestsInProgress=2)
         )
-        pending = []
-
-        def slow(message):
-            pending.append(Deferred())
-            return pending[-1]
-
-        backendOf(c, "e.test").deliverMessage = slow
+        pending = slowBackend(c, "e.test")
         sent = [send(self.a, message("alice@a.test", f"u{n}@e.test", f"m{n}")) for n in range(3)]
         self.network.flush()
         refusal = self.failureResultOf(sent[2], RemoteError).value
@@ -954,13 +967,7 @@ class BackPressureTests(FederationTestsMixin, SynchronousTestCase):
             "10.0.0.5", ["e.test"], limits=LimitsConfig(maxRequestsInProgress=2)
         )
         d = self.network.server("10.0.0.6", ["d.test"])
-        pending = []
-
-        def slow(message):
-            pending.append(Deferred())
-            return pending[-1]
-
-        backendOf(c, "e.test").deliverMessage = slow
+        pending = slowBackend(c, "e.test")
         fromA = [send(self.a, message("alice@a.test", f"u{n}@e.test", f"a{n}")) for n in range(3)]
         fromD = [send(d, message("dora@d.test", f"u{n}@e.test", f"d{n}")) for n in range(2)]
         self.network.flush()

@@ -238,10 +238,7 @@ class Database:
             writes want it sooner.
         """
         self._pending.append((sql, parameters))
-        if delay:
-            self._scheduleLate(delay)
-        else:
-            self._schedule()
+        self._scheduleWithin(delay)
 
     def writeMany(self, sql, sequence):
         """
@@ -264,10 +261,7 @@ class Database:
             more are called off first), unless other writes want it sooner.
         """
         self._pending.append((provider,))
-        if delay:
-            self._scheduleLate(delay)
-        else:
-            self._schedule()
+        self._scheduleWithin(delay)
 
     def committed(self):
         """
@@ -306,12 +300,14 @@ class Database:
         if self._call is None:
             self._call = self.clock.callLater(0, self.commit)
 
-    def _scheduleLate(self, delay):
+    def _scheduleWithin(self, delay):
         """
-        Have the next commit put together within C{delay} seconds, unless
-        it is already due sooner.
+        Have the next commit put together within C{delay} seconds (0: on
+        the next turn), unless it is already due sooner.
         """
-        if self._call is None and self._lateCall is None:
+        if not delay:
+            self._schedule()
+        elif self._call is None and self._lateCall is None:
             self._lateCall = self.clock.callLater(delay, self._lateDue)
 
     def _lateDue(self):
@@ -353,14 +349,15 @@ class Database:
         queued, self._pending = self._pending, []
         told = []
         try:
-            pending = _resolved(queued, final, told)
+            pending, error = _resolved(queued, final, told), None
         except Exception as e:
+            pending, error = [], e
+        waiting, self._waiting = told + self._waiting, []
+        if error is not None:
             # A provider that cannot give its writes fails this commit, not
             # every later one.
-            waiting, self._waiting = told + self._waiting, []
-            self.committedBy([], waiting, e)
+            self.committedBy([], waiting, error)
             return
-        waiting, self._waiting = told + self._waiting, []
         if self._closed:
             if pending:
                 self.log.error(

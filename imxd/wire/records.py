@@ -23,7 +23,6 @@ from imxd.wire.framing import Frame, FrameDecoder, encodeFrame
 
 _WIRE = "imxd.wire"
 
-
 #: Record classes by type number.
 RECORD_CLASSES = {}
 
@@ -153,16 +152,14 @@ _KIND_NUMBERS = {
 }
 
 
-def fastCodecOf(cls, accelerator=None):
+def fastCodecOf(cls):
     """
-    @param accelerator: the C module, by default L{speedups}.
     @return: the accelerator's C{Schema} of a record class (its
         C{decode(flags, tag, body)} and C{encode(record)} answer L{None}
         for anything but a valid record), or L{None} without the
         accelerator.
     """
-    accelerator = accelerator or speedups
-    if accelerator is None:
+    if speedups is None:
         return None
     fields = tuple(
         (spec.attribute, int(spec.field), _KIND_NUMBERS[spec.kind])
@@ -170,7 +167,7 @@ def fastCodecOf(cls, accelerator=None):
         + (spec.repeated, spec.required)
         for spec in cls.FIELDS
     )
-    return accelerator.Schema(cls, fields, cls.ALWAYS_RESPONSE)
+    return speedups.Schema(cls, fields, cls.ALWAYS_RESPONSE)
 
 
 def record(recordType, alwaysResponse=False):
@@ -680,9 +677,9 @@ def decodeRecord(frame):
     @raise MustUnderstand: it holds an unknown must-understand field.
     """
     recordType, flags, tag, body = frame
-    cls = RECORD_CLASSES.get(recordType)
-    if cls is not None and cls._FAST is not None:
-        decoded = cls._FAST.decode(flags, tag, body)
+    fast = FAST_SCHEMAS.get(recordType)
+    if fast is not None:
+        decoded = fast.decode(flags, tag, body)
         if decoded is not None:
             return decoded
     return decodeReference(frame)
