@@ -113,18 +113,19 @@ class VirtualDomain(service.Service):
         self.sendMessageThen(message, accepted.callback, accepted.errback)
         return accepted
 
-    def sendMessageThen(self, message: Message, onAccepted, onFailure, *args) -> None:
+    def sendMessageThen(self, message: Message, onAccepted, onFailure, *args, onOutcome=None) -> None:
         """
         L{sendMessage}, calling C{onAccepted(None, *args)} or
         C{onFailure(failure, *args)} instead of returning a L{Deferred}
-        (for imxd's own link listener, on the per-message path).
+        (for imxd's own link listener, on the per-message path);
+        C{onOutcome} as for L{imxd.outbox.Outbox.submitThen}.
         """
         router = self.parent.router if self.parent is not None else None
         if router is None:
             onFailure(Failure(Refused(ErrorCode.SHUTTING_DOWN, "imxd is not routing")), *args)
             return
         try:
-            router.submitThen(message, self.name, onAccepted, onFailure, *args)
+            router.submitThen(message, self.name, onAccepted, onFailure, *args, onOutcome=onOutcome)
         except Exception:
             onFailure(Failure(), *args)
 

@@ -36,7 +36,7 @@ from twisted.internet.endpoints import clientFromString
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from imxd.backend.link import SECRET_LENGTHS
+from imxd.backend.link import LINK_CAPABILITIES, SECRET_LENGTHS
 from imxd.callbacks import Callbacks
 from imxd.peer import (
     PeerFactory,
@@ -228,7 +228,7 @@ class _LinkClientFactory(PeerFactory):
     protocol = LinkClientProtocol
 
     def __init__(self, client, clock, settings):
-        super().__init__(clock, settings, originator=True, capabilities=("link",))
+        super().__init__(clock, settings, originator=True, capabilities=LINK_CAPABILITIES)
         self.client = client
 
 
@@ -382,7 +382,12 @@ class LinkClient(service.Service):
         entry = self.outstanding.pop(key, None)
         if entry is None:
             return
-        _record, waiting, convert = entry
+        record, waiting, convert = entry
+        if type(answer) is Report and type(record) is Message:
+            # report-answer: accepted, and already delivered (or failed).
+            waiting.callback(None)
+            self._reportAnswered(answer)
+            return
         try:
             result = convert(answer)
         except Exception:
@@ -390,6 +395,21 @@ class LinkClient(service.Service):
             waiting.errback(Failure())
             return
         waiting.callback(result)
+
+    def _reportAnswered(self, report):
+        """
+        Hand the handler the outcome that answered a MESSAGE, as if it had
+        come as a REPORT request (a failure of the handler is logged).
+        """
+        try:
+            taken = self.handler.deliveryReport(report)
+        except Exception:
+            taken = defer.fail()
+        if isinstance(taken, defer.Deferred):
+            taken.addErrback(self._reportNotTaken)
+
+    def _reportNotTaken(self, failure):
+        self.log.failure("the handler failed to take a delivery report", failure)
 
     def _failed(self, failure, key):
         if not failure.check(RemoteError):

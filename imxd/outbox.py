@@ -117,7 +117,9 @@ class Outbox:
     @ivar depth: messages held.
     @ivar counters: C{delivered}, C{failed}, C{given-up}, C{retries},
         C{slowed} (busy refusals that halved a window), C{never-written}
-        (messages that ended before their commit was put together).
+        (messages that ended before their commit was put together),
+        C{outcome-answers} (messages whose sender heard acceptance and
+        outcome at once, L{Outbox.submitThen}'s C{onOutcome}).
     """
 
     log = Logger()
@@ -212,10 +214,17 @@ class Outbox:
         self.submitThen(origin, remote, record, stored.callback, stored.errback)
         return stored
 
-    def submitThen(self, origin, remote, record, onAccepted, onFailure, *args):
+    def submitThen(self, origin, remote, record, onAccepted, onFailure, *args, onOutcome=None):
         """
         L{submit}, calling C{onAccepted(None, *args)} or C{onFailure(failure,
         *args)} instead of returning a L{Deferred} (the per-message path).
+
+        @param onOutcome: L{None}, or C{onOutcome(origin, record, refusal,
+            *args)}: offered the message's outcome (L{None}: delivered)
+            when it comes before the message was written or accepted.  If
+            it returns true it has told the sender both that the message
+            was accepted and its outcome, and neither C{onAccepted} nor
+            the delivery report follows; if false, they follow as usual.
         """
         if self.depth >= self.settings.maxQueued:
             self.counters["refused-full"] += 1
@@ -227,7 +236,7 @@ class Outbox:
             return
         entry = self.store.add(origin, remote, record, self.clock.seconds())
         self.depth += 1
-        entry.acceptance = (onAccepted, onFailure, args)
+        entry.acceptance = (onAccepted, onFailure, args, onOutcome)
         self.store.whenWritten(entry.seq, self._stored, self._notStored, entry)
         queue = self._queue(remote)
         queue.waiting.append(entry)
@@ -250,7 +259,7 @@ class Outbox:
         """
         acceptance, entry.acceptance = entry.acceptance, None
         if acceptance is not None:
-            onAccepted, _onFailure, args = acceptance
+            onAccepted, _onFailure, args, _onOutcome = acceptance
             onAccepted(None, *args)
 
     def _notStored(self, failure, entry):
@@ -264,7 +273,7 @@ class Outbox:
         if acceptance is None:
             return
         entry.reported = False
-        _onAccepted, onFailure, args = acceptance
+        _onAccepted, onFailure, args, _onOutcome = acceptance
         refusal = Refused(
             ErrorCode.TEMPORARY_FAILURE, f"the message could not be queued: {failure.value}"
         )
@@ -365,6 +374,10 @@ class Outbox:
         """
         written = self.store.remove(entry.seq)
         self.depth -= 1
+        if not written and self._outcomeTaken(entry, refusal):
+            self.counters["never-written"] += 1
+            self.counters["outcome-answers"] += 1
+            return
         try:
             self._accept(entry)
         except Exception:
@@ -380,6 +393,26 @@ class Outbox:
         self._reportsDue.append((entry, refusal))
         if self._reportCall is None:
             self._reportCall = self.clock.callLater(0, self._reportDue)
+
+    def _outcomeTaken(self, entry, refusal):
+        """
+        Offer the outcome of a message never written, and not yet accepted,
+        to its sender's C{onOutcome}.
+
+        @return: whether it took it (then it is told nothing more).
+        """
+        acceptance = entry.acceptance
+        if acceptance is None or acceptance[3] is None:
+            return False
+        onAccepted, _onFailure, args, onOutcome = acceptance
+        try:
+            taken = onOutcome(entry.origin, entry.record, refusal, *args)
+        except Exception:
+            self.log.failure("outbox: the outcome of {id} was not taken", id=entry.record.messageId)
+            taken = False
+        if taken:
+            entry.acceptance = None
+        return taken
 
     def _reportDue(self):
         """
@@ -546,7 +579,8 @@ class Outbox:
         now = self.clock.seconds()
         lines = [("queue-depth", str(self.depth))]
         lines += [(f"queue-{name}", str(self.counters[name]))
-                  for name in ("delivered", "failed", "given-up", "retries", "slowed", "never-written")]
+                  for name in ("delivered", "failed", "given-up", "retries", "slowed", "never-written",
+                               "outcome-answers")]
         for remote in sorted(self.queues):
             queue = self.queues[remote]
             entries = queue.entries()

@@ -212,16 +212,19 @@ class Router:
         self.submitThen(message, fromDomain, accepted.callback, accepted.errback)
         return accepted
 
-    def submitThen(self, message, fromDomain, onAccepted, onFailure, *args):
+    def submitThen(self, message, fromDomain, onAccepted, onFailure, *args, onOutcome=None):
         """
         L{submit}, calling C{onAccepted(None, *args)} or C{onFailure(failure,
-        *args)} instead of returning a L{Deferred} (the per-message path).
+        *args)} instead of returning a L{Deferred} (the per-message path);
+        C{onOutcome} as for L{Outbox.submitThen}.
         """
         try:
             origin, receiving = self._checked(message, fromDomain)
             self._withinRate(message.sender, fromDomain)
             # The outbox encodes the message to store it: EncodeError.
-            self.outbox.submitThen(origin, receiving, message, onAccepted, onFailure, *args)
+            self.outbox.submitThen(
+                origin, receiving, message, onAccepted, onFailure, *args, onOutcome=onOutcome
+            )
         except Refused:
             onFailure(Failure(), *args)
         except EncodeError as e:

@@ -43,7 +43,7 @@ class FakeDomainService:
     def sendMessage(self, message):
         return self._record("sendMessage", message)
 
-    def sendMessageThen(self, message, onAccepted, onFailure, *args):
+    def sendMessageThen(self, message, onAccepted, onFailure, *args, onOutcome=None):
         self.sendMessage(message).addCallbacks(onAccepted, onFailure, args, None, args)
 
     def subscribe(self, subscriber, publisher):

@@ -370,7 +370,7 @@ def linkTable(domain, secret):
     }
 
 
-def linkClient(network, server, domains, handler, secrets):
+def linkClient(network, server, domains, handler, secrets, capabilities=None):
     """
     Start a L{imxd.link.LinkClient} for C{domains} hosted on C{server} (a
     L{Federation} from L{Network.server}), connected through the network's
@@ -378,6 +378,8 @@ def linkClient(network, server, domains, handler, secrets):
 
     @param secrets: the secret of each domain, by domain (a wrong one tests
         refusals).
+    @param capabilities: what the client announces in HELLO, if not its
+        own (an older client, say).
     @return: the started client; C{client.endpoint.attempts} counts its
         connection attempts.
     """
@@ -397,6 +399,8 @@ def linkClient(network, server, domains, handler, secrets):
     endpoint = CallableEndpoint(connect)
     client = LinkClient(network.clock, endpoint, secrets, handler)
     client.endpoint = endpoint
+    if capabilities is not None:
+        client.factory.capabilities = tuple(capabilities)
     client.startService()
     network.flush()
     return client

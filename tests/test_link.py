@@ -657,3 +657,150 @@ class FederatedLinkTests(SynchronousTestCase):
         # Each was accepted twice; B dropped the second copies.
         self.assertEqual(self.b.router.duplicates, 10)
         self.assertEqual(len(self.alice.reports), 20)
+
+
+class OrderedHandler(RecordingHandler):
+    """
+    Notes, with each report, whether the message's acceptance had already
+    been heard (C{accepted} holds the MESSAGE_IDs accepted so far).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.accepted = []
+        self.acceptedFirst = []
+
+    def deliveryReport(self, report):
+        self.acceptedFirst.append(report.messageId in self.accepted)
+        return super().deliveryReport(report)
+
+
+class OutcomeAnswerTests(SynchronousTestCase):
+    """
+    C{report-answer}: when a message's outcome comes before imxd has written
+    or accepted it (C{write_behind}), a client that announces the capability
+    gets one REPORT response to its MESSAGE instead of an ACK and a REPORT
+    request (protocol.md, section 19.3).
+    """
+
+    def setUp(self):
+        self.network = Network()
+        self.a = self.network.server("127.0.0.2", [linkTable("a.test", SECRET)], writeBehind=1.0)
+        self.b = self.network.server("127.0.0.3", [linkTable("b.test", SECRET)])
+        self.bob = RecordingHandler()
+        linkClient(self.network, self.b, ["b.test"], self.bob, {"b.test": SECRET})
+
+    def clientA(self, **options):
+        self.alice = OrderedHandler()
+        return linkClient(self.network, self.a, ["a.test"], self.alice, {"a.test": SECRET}, **options)
+
+    def send(self, client, messageId):
+        sent = client.sendMessage(message("alice@a.test", "bob@b.test", messageId))
+        sent.addCallback(lambda _: self.alice.accepted.append(messageId))
+        self.network.flush()
+        return sent
+
+    def backendOfA(self):
+        return self.a.aggregator.domain("a.test").backend
+
+    def test_deliveredAnswers(self):
+        """
+        A message delivered before A's commit is accepted and reported with
+        one REPORT response: nothing is written, no REPORT request is made
+        (the link backend holds and numbers none), and the client hears
+        "accepted" before the report.
+        """
+        client = self.clientA()
+        writes = self.a.database.writes
+        sent = self.send(client, "m-1")
+        self.assertIsNone(self.successResultOf(sent))
+        self.assertEqual([m.messageId for m in self.bob.messages], ["m-1"])
+        [report] = self.alice.reports
+        self.assertEqual((report.messageId, report.code, report.response), ("m-1", None, True))
+        self.assertEqual(self.alice.acceptedFirst, [True])
+        status = dict(self.a.status())
+        self.assertEqual(status["queue-outcome-answers"], "1")
+        self.assertEqual(self.backendOfA()._serial, 0)
+        self.assertEqual(self.a.database.writes, writes)
+        self.assertEqual(client.outstanding, {})
+
+    def test_failureAnswers(self):
+        """
+        A message refused for good before A's commit is answered with a
+        REPORT carrying the refusal's code and text.
+        """
+        self.bob.refuseWith = Refused(ErrorCode.UNKNOWN_USER, "no bob here")
+        client = self.clientA()
+        self.assertIsNone(self.successResultOf(self.send(client, "m-1")))
+        [report] = self.alice.reports
+        self.assertEqual((report.code, report.text), (ErrorCode.UNKNOWN_USER, "no bob here"))
+        self.assertEqual(self.alice.acceptedFirst, [True])
+        self.assertEqual(dict(self.a.status())["queue-outcome-answers"], "1")
+
+    def test_clientWithoutCapability(self):
+        """
+        A client that does not announce C{report-answer} gets the ACK, then
+        the REPORT as a request of its own.
+        """
+        client = self.clientA(capabilities=("link",))
+        self.assertIsNone(self.successResultOf(self.send(client, "m-1")))
+        [report] = self.alice.reports
+        self.assertEqual((report.messageId, report.response), ("m-1", False))
+        self.assertEqual(self.alice.acceptedFirst, [True])
+        self.assertEqual(dict(self.a.status())["queue-outcome-answers"], "0")
+        self.assertEqual(self.backendOfA()._serial, 1)
+
+    def test_acceptedFirst(self):
+        """
+        A message whose outcome comes after its commit is accepted at the
+        commit, and its outcome comes later as a REPORT request.
+        """
+        client = self.clientA()
+        # B's backend refuses for now: A retries after its commit.
+        self.bob.refuseWith = Refused(ErrorCode.TEMPORARY_FAILURE, "busy")
+        sent = self.send(client, "m-1")
+        self.network.advance(1.5, step=0.5)
+        self.assertIsNone(self.successResultOf(sent))
+        self.assertEqual(self.alice.reports, [])
+        self.bob.refuseWith = None
+        self.network.advance(60, step=1)
+        [report] = self.alice.reports
+        self.assertEqual((report.messageId, report.code), ("m-1", None))
+        self.assertEqual(dict(self.a.status())["queue-outcome-answers"], "0")
+
+    def test_declinedWhenDomainMoved(self):
+        """
+        When the connection that sent the message no longer serves its
+        domain (another link took it over), the outcome is not answered on
+        it: the ACK goes there and the REPORT to the new link.
+        """
+        client = self.clientA()
+        other = OrderedHandler()
+        gate = Deferred()
+        # B's backend answers once the second link has taken a.test over.
+        self.bob.deliverMessage = lambda message: gate
+        sent = self.send(client, "m-1")
+        self.assertNoResult(sent)
+        linkClient(self.network, self.a, ["a.test"], other, {"a.test": SECRET})
+        gate.callback(None)
+        self.network.flush()
+        self.assertIsNone(self.successResultOf(sent))
+        self.assertEqual(self.alice.reports, [])
+        [report] = other.reports
+        self.assertEqual((report.messageId, report.response), ("m-1", False))
+        self.assertEqual(dict(self.a.status())["queue-outcome-answers"], "0")
+
+    def test_handlerFailureLogged(self):
+        """
+        A handler that fails to take a report given as an answer is logged;
+        the message stays accepted.
+        """
+        client = self.clientA()
+
+        def broken(report):
+            raise RuntimeError("no room for reports")
+
+        self.alice.deliveryReport = broken
+        self.assertIsNone(self.successResultOf(self.send(client, "m-1")))
+        [logged] = self.flushLoggedErrors(RuntimeError)
+        self.assertEqual(str(logged.value), "no room for reports")

@@ -207,6 +207,52 @@ class AcceptanceTests(NetworkMixin, SynchronousTestCase):
         self.assertEqual(dict(c.status())["queue-never-written"], "1")
         self.assertEqual(rows(c), [])
 
+    def test_outcomeOffered(self):
+        """
+        A sender that offers C{onOutcome} is given the outcome of a message
+        delivered before the commit instead of C{onAccepted} and the delivery
+        report, if it takes it (returns true); one that declines or fails
+        (logged) is accepted and reported as usual.
+        """
+        self.startB()
+        c = makeServer(self.network, C, ["c.test"], writeBehind=1.0)
+        domain = c.aggregator.domain("c.test")
+        told = []
+
+        def offer(answer):
+            def onOutcome(origin, record, refusal, n):
+                told.append(("outcome", n, origin, record.messageId, refusal))
+                if answer is None:
+                    raise RuntimeError("broken")
+                return answer
+
+            return onOutcome
+
+        sent = [message("carol@c.test", "bob@b.test", f"m{n}") for n in range(3)]
+        for n, answer in enumerate([True, False, None]):
+            domain.sendMessageThen(
+                sent[n],
+                lambda result, n: told.append(("accepted", n, result)),
+                lambda failure, n: told.append(("failed", n)),
+                n,
+                onOutcome=offer(answer),
+            )
+        self.network.flush()
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(
+            told,
+            [
+                ("outcome", 0, "c.test", "m0", None),
+                ("outcome", 1, "c.test", "m1", None),
+                ("accepted", 1, None),
+                ("outcome", 2, "c.test", "m2", None),
+                ("accepted", 2, None),
+            ],
+        )
+        self.assertEqual(backendOf(c, "c.test").reports, [(sent[1], None), (sent[2], None)])
+        self.assertEqual(dict(c.status())["queue-outcome-answers"], "1")
+        self.assertEqual(dict(c.status())["queue-never-written"], "3")
+
     def test_commitFails(self):
         """
         When the commit fails, the send fails with a temporary refusal and

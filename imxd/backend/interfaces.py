@@ -157,13 +157,21 @@ class IDomainService(Interface):
             L{IBackend.deliveryReport}.
         """
 
-    def sendMessageThen(message, onAccepted, onFailure, *args):
+    def sendMessageThen(message, onAccepted, onFailure, *args, onOutcome=None):
         """
         L{sendMessage}, calling C{onAccepted(None, *args)} or
         C{onFailure(failure, *args)} once, instead of returning a
         L{Deferred}: for adapters whose every message passes here (imxd's
         link listener uses it).  The message's tag is ignored (it may be
         the one it had on the adapter's own connection).
+
+        @param onOutcome: L{None}, or C{onOutcome(domain, message, refusal,
+            *args)}, offered the message's outcome (C{refusal} L{None}:
+            delivered) if it is known before the message is accepted.
+            Returning true means it told the sender both, and neither
+            C{onAccepted} nor the delivery report follows; returning false
+            (or an implementation that never offers it) leaves both to
+            come as usual.
         """
 
     def subscribe(subscriber, publisher):

@@ -87,6 +87,14 @@ MAX_UNAUTHENTICATED_PER_ADDRESS = 8
 #: Seconds a sending server is asked to wait while a link is down.
 RETRY_WHILE_DOWN = 5
 
+#: The capability by which a link side says it takes (the backend) or
+#: gives (imxd) a REPORT as the answer to a MESSAGE whose outcome came
+#: before it was acknowledged (protocol.md, section 19.3).
+REPORT_ANSWER = "report-answer"
+
+#: What both sides of a link announce in HELLO.
+LINK_CAPABILITIES = ("link", REPORT_ANSWER)
+
 
 def validateOptions(options: Mapping[str, Any], baseDirectory: str = ".") -> dict:
     """
@@ -383,15 +391,7 @@ class LinkBackend:
         Tell the backend (REPORT, held while the link is down); see
         L{IBackend.deliveryReport}.
         """
-        self._hold(
-            Report(
-                sender=message.sender,
-                recipient=message.recipient,
-                messageId=message.messageId,
-                code=None if refusal is None else refusal.code,
-                text=None if refusal is None else refusal.text,
-            )
-        )
+        self._hold(reportOf(message, refusal))
 
     def status(self) -> list:
         """
@@ -409,18 +409,42 @@ class LinkBackend:
         return f"<LinkBackend {self.domain} {state} held={len(self.held)}>"
 
 
+def reportOf(message, refusal, tag=0):
+    """
+    @return: the REPORT of C{message}'s outcome: delivered (C{refusal} is
+        L{None}) or failed for good; a response with C{tag}, if given.
+    """
+    return Report(
+        sender=message.sender,
+        recipient=message.recipient,
+        messageId=message.messageId,
+        code=None if refusal is None else refusal.code,
+        text=None if refusal is None else refusal.text,
+        tag=tag,
+        response=bool(tag),
+    )
+
+
 class LinkServerProtocol(PeerProtocol):
     """
     imxd's side of one link connection.
 
     @ivar domains: the hosted domains this connection serves now.
+    @ivar reportAnswers: whether both sides announced C{report-answer}.
     """
 
     def __init__(self, factory, originator=False):
         super().__init__(factory, originator)
         self.domains: set[str] = set()
+        self.reportAnswers = False
         self._authFailures = 0
         self._authTimer = None
+
+    def helloDone(self):
+        """
+        HELLO is done: note whether the backend takes outcomes as answers.
+        """
+        self.reportAnswers = self.bothOffer(REPORT_ANSWER)
 
     def connectionMade(self):
         """
@@ -581,7 +605,21 @@ class LinkServerProtocol(PeerProtocol):
             self.answerRefusal,
             tag,
             Message,
+            onOutcome=self._answerWithOutcome if self.reportAnswers else None,
         )
+
+    def _answerWithOutcome(self, origin, message, refusal, tag, requestType):
+        """
+        Answer a MESSAGE whose outcome came before it was acknowledged with
+        that outcome, a REPORT response, where this connection still serves
+        its domain (with C{report-answer}, protocol.md section 19.3).
+
+        @return: whether it did; if not, ACK and a REPORT request follow.
+        """
+        if self.state is not PeerState.OPEN or origin not in self.domains:
+            return False
+        self.sendRecord(reportOf(message, refusal, tag))
+        return True
 
     def _subscribe(self, record):
         service = self._serviceFor(record.subscriber)
@@ -673,7 +711,7 @@ class LinkFactory(PeerFactory):
             maxRecordSize=maxRecordSize,
             software="imxd-link",
         )
-        super().__init__(clock, settings, capabilities=("link",))
+        super().__init__(clock, settings, capabilities=LINK_CAPABILITIES)
         self.backends = {backend.domain: backend for backend in backends}
 
 
