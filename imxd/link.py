@@ -227,8 +227,8 @@ LinkClientProtocol.stateTables = servingTables(
 class _LinkClientFactory(PeerFactory):
     protocol = LinkClientProtocol
 
-    def __init__(self, client, clock, settings):
-        super().__init__(clock, settings, originator=True, capabilities=LINK_CAPABILITIES)
+    def __init__(self, client, clock, settings, capabilities):
+        super().__init__(clock, settings, originator=True, capabilities=capabilities)
         self.client = client
 
 
@@ -256,6 +256,7 @@ class LinkClient(service.Service):
         handler: LinkHandler,
         maxRecordSize: int = 65536,
         maxDelay: float = 10.0,
+        reportAnswers: bool = True,
     ):
         """
         @param reactor: the reactor to connect and time with.
@@ -266,6 +267,13 @@ class LinkClient(service.Service):
         @param maxRecordSize: the largest record body accepted.
         @param maxDelay: the longest wait, in seconds, between reconnection
             attempts.
+        @param reportAnswers: whether to take a message's outcome as the
+            answer to the MESSAGE when imxd has it before it acknowledged
+            the message (C{report-answer}, protocol.md section 19.3): one
+            record instead of two, but imxd neither waits for the
+            handler's L{LinkHandler.deliveryReport} to finish nor sends
+            that report again.  Pass C{False} for a handler that must
+            confirm each report (as the answer to a REPORT request).
         """
         if isinstance(endpoint, str):
             endpoint = clientFromString(reactor, endpoint)
@@ -287,7 +295,8 @@ class LinkClient(service.Service):
         self._linked = Waiters()
         self._refusal = None
         settings = PeerSettings(idleTimeout=0, maxRecordSize=maxRecordSize, software="imxd-link")
-        self.factory = _LinkClientFactory(self, reactor, settings)
+        capabilities = LINK_CAPABILITIES if reportAnswers else ("link",)
+        self.factory = _LinkClientFactory(self, reactor, settings, capabilities)
         self._connector = ClientService(
             endpoint,
             self.factory,
@@ -429,9 +438,10 @@ class LinkClient(service.Service):
 
         @param message: an L{imxd.wire.Message}; its MESSAGE_ID must be
             unique for the sender's domain.
-        @return: a L{Deferred} firing with L{None} once imxd has queued it
-            durably (a report follows in L{LinkHandler.deliveryReport}), or
-            failing with L{Refused}.
+        @return: a L{Deferred} firing with L{None} once imxd has accepted
+            it (queued it durably, or already has its outcome; the outcome
+            follows in L{LinkHandler.deliveryReport}), or failing with
+            L{Refused}.
         """
         return self._request(message, _none)
 

@@ -370,7 +370,7 @@ def linkTable(domain, secret):
     }
 
 
-def linkClient(network, server, domains, handler, secrets, capabilities=None):
+def linkClient(network, server, domains, handler, secrets, **options):
     """
     Start a L{imxd.link.LinkClient} for C{domains} hosted on C{server} (a
     L{Federation} from L{Network.server}), connected through the network's
@@ -378,8 +378,7 @@ def linkClient(network, server, domains, handler, secrets, capabilities=None):
 
     @param secrets: the secret of each domain, by domain (a wrong one tests
         refusals).
-    @param capabilities: what the client announces in HELLO, if not its
-        own (an older client, say).
+    @param options: further keyword arguments of L{LinkClient}.
     @return: the started client; C{client.endpoint.attempts} counts its
         connection attempts.
     """
@@ -397,10 +396,8 @@ def linkClient(network, server, domains, handler, secrets, capabilities=None):
         network.join(factory.buildProtocol(clientAddress), protocol, serverAddress, clientAddress)
 
     endpoint = CallableEndpoint(connect)
-    client = LinkClient(network.clock, endpoint, secrets, handler)
+    client = LinkClient(network.clock, endpoint, secrets, handler, **options)
     client.endpoint = endpoint
-    if capabilities is not None:
-        client.factory.capabilities = tuple(capabilities)
     client.startService()
     network.flush()
     return client

@@ -723,6 +723,8 @@ class OutcomeAnswerTests(SynchronousTestCase):
         self.assertEqual(self.backendOfA()._serial, 0)
         self.assertEqual(self.a.database.writes, writes)
         self.assertEqual(client.outstanding, {})
+        # No ACK besides the answer: nothing came that no request awaited.
+        self.assertEqual(client.factory.counters["unmatched-responses"], 0)
 
     def test_failureAnswers(self):
         """
@@ -739,10 +741,11 @@ class OutcomeAnswerTests(SynchronousTestCase):
 
     def test_clientWithoutCapability(self):
         """
-        A client that does not announce C{report-answer} gets the ACK, then
-        the REPORT as a request of its own.
+        A client made with C{reportAnswers=False} does not announce
+        C{report-answer}: it gets the ACK, then the REPORT as a request of
+        its own, which it answers once its handler has taken it.
         """
-        client = self.clientA(capabilities=("link",))
+        client = self.clientA(reportAnswers=False)
         self.assertIsNone(self.successResultOf(self.send(client, "m-1")))
         [report] = self.alice.reports
         self.assertEqual((report.messageId, report.response), ("m-1", False))
@@ -789,6 +792,26 @@ class OutcomeAnswerTests(SynchronousTestCase):
         [report] = other.reports
         self.assertEqual((report.messageId, report.response), ("m-1", False))
         self.assertEqual(dict(self.a.status())["queue-outcome-answers"], "0")
+
+    def test_declinedWhileClosing(self):
+        """
+        A connection that imxd is closing answers nothing more: the outcome
+        that comes meanwhile is reported as a REPORT request, held for the
+        next link.
+        """
+        client = self.clientA()
+        gate = Deferred()
+        self.bob.deliverMessage = lambda message: gate
+        self.send(client, "m-1")
+        link = self.backendOfA().connection
+        link.close("going away")
+        self.assertEqual(link.state, PeerState.CLOSING)
+        gate.callback(None)
+        self.network.flush()
+        self.assertEqual(self.a.outbox.counters["delivered"], 1)
+        self.assertEqual(self.alice.reports, [])
+        self.assertEqual(dict(self.a.status())["queue-outcome-answers"], "0")
+        self.assertEqual(len(self.backendOfA().held) + len(self.backendOfA()._unconfirmed), 1)
 
     def test_handlerFailureLogged(self):
         """

@@ -409,10 +409,11 @@ class LinkBackend:
         return f"<LinkBackend {self.domain} {state} held={len(self.held)}>"
 
 
-def reportOf(message, refusal, tag=0):
+def reportOf(message, refusal, tag=0, response=False):
     """
     @return: the REPORT of C{message}'s outcome: delivered (C{refusal} is
-        L{None}) or failed for good; a response with C{tag}, if given.
+        L{None}) or failed for good; with C{tag} and C{response}, the
+        answer to the backend's MESSAGE.
     """
     return Report(
         sender=message.sender,
@@ -421,7 +422,7 @@ def reportOf(message, refusal, tag=0):
         code=None if refusal is None else refusal.code,
         text=None if refusal is None else refusal.text,
         tag=tag,
-        response=bool(tag),
+        response=response,
     )
 
 
@@ -616,9 +617,9 @@ class LinkServerProtocol(PeerProtocol):
 
         @return: whether it did; if not, ACK and a REPORT request follow.
         """
-        if self.state is not PeerState.OPEN or origin not in self.domains:
+        if not tag or self.state is not PeerState.OPEN or origin not in self.domains:
             return False
-        self.sendRecord(reportOf(message, refusal, tag))
+        self.sendRecord(reportOf(message, refusal, tag=tag, response=True))
         return True
 
     def _subscribe(self, record):
