@@ -288,8 +288,8 @@ def messageScenarios(scenarios, modes):
                 # was put together: never written to its queue.
                 status = pair.a.status()
                 figures["never_written"] = int(status.get("queue-never-written", -1))
-                # ... and of those, answered with their outcome (one REPORT
-                # response instead of ACK and a REPORT request).
+                # ... and of those, answered with their outcome (DELIVERED
+                # instead of ACK and a REPORT request).
                 figures["outcome_answers"] = int(status.get("queue-outcome-answers", -1))
             figures.update(scenario=label, transport=mode)
             results.append(figures)

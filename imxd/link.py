@@ -51,6 +51,7 @@ from imxd.presence import formatAttributes, parseAttributes
 from imxd.waiters import Waiters
 from imxd.wire import (
     Attributes,
+    Delivered,
     DomainAttributesGet,
     ErrorCode,
     LinkAuth,
@@ -220,6 +221,7 @@ LinkClientProtocol.stateTables = servingTables(
     {
         **{recordClass: LinkClientProtocol._handleRequest for recordClass in _SERVED},
         Attributes: LinkClientProtocol._handleResponse,
+        Delivered: LinkClientProtocol._handleAck,
     }
 )
 
@@ -269,8 +271,9 @@ class LinkClient(service.Service):
             attempts.
         @param reportAnswers: whether to take a message's outcome as the
             answer to the MESSAGE when imxd has it before it acknowledged
-            the message (C{report-answer}, protocol.md section 19.3): one
-            record instead of two, but imxd neither waits for the
+            the message (C{report-answer}, protocol.md section 19.3: a
+            DELIVERED answers many at once), instead of an ACK and a
+            REPORT request for each; but imxd neither waits for the
             handler's L{LinkHandler.deliveryReport} to finish nor sends
             that report again.  Pass C{False} for a handler that must
             confirm each report (as the answer to a REPORT request).
@@ -392,11 +395,18 @@ class LinkClient(service.Service):
         if entry is None:
             return
         record, waiting, convert = entry
-        if type(answer) is Report and type(record) is Message:
+        if type(record) is Message:
             # report-answer: accepted, and already delivered (or failed).
-            waiting.callback(None)
-            self._reportAnswered(answer)
-            return
+            if type(answer) is Delivered:
+                waiting.callback(None)
+                self._reportAnswered(
+                    Report(sender=record.sender, recipient=record.recipient, messageId=record.messageId)
+                )
+                return
+            if type(answer) is Report:
+                waiting.callback(None)
+                self._reportAnswered(answer)
+                return
         try:
             result = convert(answer)
         except Exception:

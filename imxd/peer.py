@@ -733,7 +733,7 @@ class PeerProtocol(Protocol):
 
     def _handleAck(self, ack):
         """
-        Complete every request that an ACK lists.
+        Complete every request that an ACK (or a link's DELIVERED) lists.
         """
         pending = self._pending
         for tag in ack.tags:
@@ -847,6 +847,13 @@ class PeerProtocol(Protocol):
         requests accepted together share one ACK.
         """
         self._acks.append(tag)
+        self._flushSoon()
+
+    def _flushSoon(self):
+        """
+        Have L{_flushAcks} send what was gathered once the current input
+        has been processed, or at the end of the reactor's current turn.
+        """
         if not self._reading and self._ackCall is None:
             self._ackCall = self.clock.callLater(0, self._flushAcks)
 

@@ -24,6 +24,7 @@ from imxd.wire import (
     DialbackResult,
     DialbackSecret,
     DialbackVerify,
+    Delivered,
     Error,
     ErrorCode,
     Redirect,
@@ -357,6 +358,17 @@ class ReceiverRulesTests(FederationTestsMixin, SynchronousTestCase):
         answer = self.ask(stranger, message("alice@a.test", "bob@b.test"))
         self.assertEqual(answer.code, ErrorCode.NOT_AUTHENTICATED)
         self.assertEqual(backendOf(self.b, "b.test").messages, [])
+
+    def test_linkDeliveredIgnored(self):
+        """
+        DELIVERED, a link-only response, answers nothing on a peer
+        connection: it is counted as unmatched and the connection stays open.
+        """
+        stranger = self.stranger(self.b)
+        stranger.sendRecord(Delivered(tags=(1, 2)))
+        self.network.flush()
+        self.assertEqual(self.b.counters["unmatched-responses"], 1)
+        self.assertIs(stranger.state, PeerState.OPEN)
 
     def test_relayRefused(self):
         """

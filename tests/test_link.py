@@ -24,7 +24,7 @@ from imxd.backend.link import (
 from imxd.link import LinkClient, LinkHandler
 from imxd.peer import PeerState, Refused
 from imxd.testing import BackendContractMixin, FakeDomainService
-from imxd.wire import Ack, EncodeError, ErrorCode, LinkAuth
+from imxd.wire import Ack, Delivered, EncodeError, ErrorCode, LinkAuth
 from tests.linking import (
     SECRET,
     CallableEndpoint,
@@ -679,8 +679,9 @@ class OutcomeAnswerTests(SynchronousTestCase):
     """
     C{report-answer}: when a message's outcome comes before imxd has written
     or accepted it (C{write_behind}), a client that announces the capability
-    gets one REPORT response to its MESSAGE instead of an ACK and a REPORT
-    request (protocol.md, section 19.3).
+    gets its MESSAGE answered with the outcome, DELIVERED or a REPORT
+    response, instead of an ACK and a REPORT request (protocol.md, section
+    19.3).
     """
 
     def setUp(self):
@@ -705,21 +706,34 @@ class OutcomeAnswerTests(SynchronousTestCase):
 
     def test_deliveredAnswers(self):
         """
-        A message delivered before A's commit is accepted and reported with
-        one REPORT response: nothing is written, no REPORT request is made
-        (the link backend holds and numbers none), and the client hears
-        "accepted" before the report.
+        Messages delivered before A's commit are answered together with one
+        DELIVERED: nothing is written, no REPORT request is made (the link
+        backend holds and numbers none), and the client hears "accepted"
+        before each report, which it makes from the message it sent.
         """
         client = self.clientA()
         writes = self.a.database.writes
-        sent = self.send(client, "m-1")
-        self.assertIsNone(self.successResultOf(sent))
-        self.assertEqual([m.messageId for m in self.bob.messages], ["m-1"])
-        [report] = self.alice.reports
-        self.assertEqual((report.messageId, report.code, report.response), ("m-1", None, True))
-        self.assertEqual(self.alice.acceptedFirst, [True])
+        link = self.backendOfA().connection
+        written = []
+        sendRecord = link.sendRecord
+        link.sendRecord = lambda record, tag=None: written.append(record) or sendRecord(record, tag)
+        sent = []
+        for n in range(3):
+            sent.append(client.sendMessage(message("alice@a.test", "bob@b.test", f"m-{n}")))
+            sent[-1].addCallback(lambda _, n=n: self.alice.accepted.append(f"m-{n}"))
+        self.network.flush()
+        for each in sent:
+            self.assertIsNone(self.successResultOf(each))
+        self.assertEqual([m.messageId for m in self.bob.messages], ["m-0", "m-1", "m-2"])
+        self.assertEqual(
+            [(r.sender, r.recipient, r.messageId, r.code, r.tag, r.response) for r in self.alice.reports],
+            [("alice@a.test", "bob@b.test", f"m-{n}", None, 0, False) for n in range(3)],
+        )
+        self.assertEqual(self.alice.acceptedFirst, [True] * 3)
+        [answer] = written
+        self.assertEqual((type(answer), len(answer.tags)), (Delivered, 3))
         status = dict(self.a.status())
-        self.assertEqual(status["queue-outcome-answers"], "1")
+        self.assertEqual(status["queue-outcome-answers"], "3")
         self.assertEqual(self.backendOfA()._serial, 0)
         self.assertEqual(self.a.database.writes, writes)
         self.assertEqual(client.outstanding, {})
@@ -735,7 +749,9 @@ class OutcomeAnswerTests(SynchronousTestCase):
         client = self.clientA()
         self.assertIsNone(self.successResultOf(self.send(client, "m-1")))
         [report] = self.alice.reports
-        self.assertEqual((report.code, report.text), (ErrorCode.UNKNOWN_USER, "no bob here"))
+        self.assertEqual(
+            (report.code, report.text, report.response), (ErrorCode.UNKNOWN_USER, "no bob here", True)
+        )
         self.assertEqual(self.alice.acceptedFirst, [True])
         self.assertEqual(dict(self.a.status())["queue-outcome-answers"], "1")
 

@@ -32,6 +32,7 @@ from imxd.address import AddressError, normaliseDomain
 from imxd.backend import listenOption, refuseUnknownOptions
 from imxd.backend.interfaces import DECISIONS, IFastBackend
 from imxd.peer import (
+    ACK_BATCH,
     PeerFactory,
     PeerProtocol,
     PeerSettings,
@@ -45,6 +46,7 @@ from imxd.router import domainOf
 from imxd.wire import (
     DATA_TYPES,
     Attributes,
+    Delivered,
     DomainAttributesGet,
     ErrorCode,
     LinkAuth,
@@ -438,6 +440,7 @@ class LinkServerProtocol(PeerProtocol):
         super().__init__(factory, originator)
         self.domains: set[str] = set()
         self.reportAnswers = False
+        self._delivered = []
         self._authFailures = 0
         self._authTimer = None
 
@@ -612,15 +615,31 @@ class LinkServerProtocol(PeerProtocol):
     def _answerWithOutcome(self, origin, message, refusal, tag, requestType):
         """
         Answer a MESSAGE whose outcome came before it was acknowledged with
-        that outcome, a REPORT response, where this connection still serves
-        its domain (with C{report-answer}, protocol.md section 19.3).
+        that outcome, where this connection still serves its domain (with
+        C{report-answer}, protocol.md section 19.3): delivered, in the next
+        DELIVERED with the others gathered like ACKs; failed, as a REPORT
+        response.
 
         @return: whether it did; if not, ACK and a REPORT request follow.
         """
         if not tag or self.state is not PeerState.OPEN or origin not in self.domains:
             return False
-        self.sendRecord(reportOf(message, refusal, tag=tag, response=True))
+        if refusal is None:
+            self._delivered.append(tag)
+            self._flushSoon()
+        else:
+            self.sendRecord(reportOf(message, refusal, tag=tag, response=True))
         return True
+
+    def _flushAcks(self):
+        """
+        Send the DELIVERED answers gathered, then the ACKs.
+        """
+        delivered, self._delivered = self._delivered, []
+        if delivered and self.state is not PeerState.CLOSED:
+            for start in range(0, len(delivered), ACK_BATCH):
+                self.sendRecord(Delivered(tags=tuple(delivered[start : start + ACK_BATCH])))
+        super()._flushAcks()
 
     def _subscribe(self, record):
         service = self._serviceFor(record.subscriber)

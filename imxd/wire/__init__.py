@@ -39,6 +39,7 @@ from imxd.wire.records import (
     DialbackResult,
     DialbackSecret,
     DialbackVerify,
+    Delivered,
     DomainAttributesGet,
     Drain,
     Error,

@@ -70,6 +70,7 @@ class RecordType(enum.IntEnum):
     LINK_AUTH = 0x7E01
     PUBLISH = 0x7E02
     REPORT = 0x7E03
+    DELIVERED = 0x7E04
 
     DRAIN = 0x7F01
     STATUS = 0x7F02

@@ -505,6 +505,16 @@ class Report(Record):
     text: str = wireField(Field.TEXT)
 
 
+@record(RecordType.DELIVERED, alwaysResponse=True)
+class Delivered(Record):
+    """
+    Link: the answer to every MESSAGE whose tag it lists: accepted, and
+    already delivered (C{report-answer}; protocol.md section 19.3).
+    """
+
+    tags: tuple = wireField(Field.ACK_TAGS, required=True)
+
+
 # -- admin records (admin endpoint only) -----------------------------------
 
 
@@ -550,7 +560,9 @@ DATA_TYPES = frozenset(
 )
 
 #: Record types that only a backend link connection carries.
-LINK_TYPES = frozenset({RecordType.LINK_AUTH, RecordType.PUBLISH, RecordType.REPORT})
+LINK_TYPES = frozenset(
+    {RecordType.LINK_AUTH, RecordType.PUBLISH, RecordType.REPORT, RecordType.DELIVERED}
+)
 
 #: Record types that only the admin endpoint accepts.
 ADMIN_TYPES = frozenset(
