@@ -263,15 +263,19 @@ class Run:
         yield self.warm()
         remaining = {p: each for p in range(pairs)}
         inFlight = {p: 0 for p in range(pairs)}
+        senders = {p: f"sender{p}@a.test" for p in range(pairs)}
+        receivers = {p: f"receiver{p}@b.test" for p in range(pairs)}
+        pairOf = {receiver: p for p, receiver in receivers.items()}
 
         def pump(p):
+            sender, receiver = senders[p], receivers[p]
             while inFlight[p] < window and remaining[p]:
                 remaining[p] -= 1
                 inFlight[p] += 1
-                self.send(self.a, f"sender{p}@a.test", f"receiver{p}@b.test")
+                self.send(self.a, sender, receiver)
 
         def onReceive(message):
-            p = int(message.recipient[8 : message.recipient.index("@")])
+            p = pairOf[message.recipient]
             inFlight[p] -= 1
             pump(p)
 
