@@ -125,7 +125,7 @@ class VirtualDomain(service.Service):
             onFailure(Failure(Refused(ErrorCode.SHUTTING_DOWN, "imxd is not routing")), *args)
             return
         try:
-            router.submitThen(message, self.name, onAccepted, onFailure, *args, onOutcome=onOutcome)
+            router.submitThen(message, self.name, onAccepted, onFailure, args, onOutcome)
         except Exception:
             onFailure(Failure(), *args)
 
@@ -197,10 +197,10 @@ class VirtualDomain(service.Service):
         self.receiveMessageThen(record, received.callback, received.errback)
         return received
 
-    def receiveMessageThen(self, message: Message, onAccepted, onFailure, *args) -> None:
+    def receiveMessageThen(self, message: Message, onAccepted, onFailure, args=()) -> None:
         """
         L{receive} for a MESSAGE, calling C{onAccepted(None, *args)} or
-        C{onFailure(failure, *args)}; a backend with the optional
+        C{onFailure(failure, *args)} (C{args} a tuple); a backend with the optional
         C{deliverMessageThen} (L{imxd.backend.interfaces.IFastBackend}) is
         asked without a L{Deferred}, and given the message as it arrived
         (tag and all: it sends it on with a tag of its own); any other

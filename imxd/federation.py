@@ -348,7 +348,7 @@ class FederationProtocol(PeerProtocol):
         self.noteActivity()
         self.factory.count("data-received")
         self.federation.router.deliverThen(
-            record, origin, receiving, self.answerAccepted, self.answerRefusal, record.tag, type(record)
+            record, origin, receiving, self.answerAccepted, self.answerRefusal, (record.tag, type(record))
         )
 
     def _trusts(self, origin, receiving):

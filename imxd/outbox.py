@@ -129,7 +129,8 @@ class Outbox:
         @param store: an L{imxd.store.interfaces.IOutboundStore}.
         @param clock: an L{IReactorTime} provider.
         @param transmit: C{transmit(origin, remote, record, onAnswer,
-            onFailure, *args)}, which calls C{onAnswer(answer, *args)} once
+            onFailure, args)}, C{args} a tuple, which calls
+            C{onAnswer(answer, *args)} once
             the receiver acknowledged the record or C{onFailure(failure,
             *args)} (a L{Refused}), once, now or later
             (L{imxd.router.Router.transmitThen}).
@@ -214,10 +215,11 @@ class Outbox:
         self.submitThen(origin, remote, record, stored.callback, stored.errback)
         return stored
 
-    def submitThen(self, origin, remote, record, onAccepted, onFailure, *args, onOutcome=None):
+    def submitThen(self, origin, remote, record, onAccepted, onFailure, args=(), onOutcome=None):
         """
         L{submit}, calling C{onAccepted(None, *args)} or C{onFailure(failure,
-        *args)} instead of returning a L{Deferred} (the per-message path).
+        *args)} instead of returning a L{Deferred} (the per-message path;
+        C{args} is a tuple).
 
         @param onOutcome: L{None}, or C{onOutcome(origin, record, refusal,
             *args)}: offered the message's outcome (L{None}: delivered)
@@ -303,7 +305,7 @@ class Outbox:
                 queue.inFlight[entry.seq] = entry
                 try:
                     self.transmit(
-                        entry.origin, entry.remote, entry.record, self._delivered, self._failed, entry
+                        entry.origin, entry.remote, entry.record, self._delivered, self._failed, (entry,)
                     )
                 except Exception:
                     self._failed(Failure(), entry)

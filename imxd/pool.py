@@ -345,10 +345,10 @@ class OutboundPool:
         """
         return self._send(pair, record, 1)
 
-    def sendThen(self, pair, record, onAnswer, onFailure, *args):
+    def sendThen(self, pair, record, onAnswer, onFailure, args=()):
         """
         L{send}, calling C{onAnswer(answer, *args)} or C{onFailure(failure,
-        *args)} instead of returning a L{Deferred}: on a connection where
+        *args)} (C{args} a tuple) instead of returning a L{Deferred}: on a connection where
         the pair is already authenticated (the usual case once traffic
         flows), no L{Deferred} is made (the per-message path).
         """

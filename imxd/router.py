@@ -212,19 +212,18 @@ class Router:
         self.submitThen(message, fromDomain, accepted.callback, accepted.errback)
         return accepted
 
-    def submitThen(self, message, fromDomain, onAccepted, onFailure, *args, onOutcome=None):
+    def submitThen(self, message, fromDomain, onAccepted, onFailure, args=(), onOutcome=None):
         """
         L{submit}, calling C{onAccepted(None, *args)} or C{onFailure(failure,
         *args)} instead of returning a L{Deferred} (the per-message path);
-        C{onOutcome} as for L{Outbox.submitThen}.
+        C{onOutcome} as for L{Outbox.submitThen}.  C{args} is a tuple,
+        handed on as it is (cheaper than C{*args} at each step).
         """
         try:
             origin, receiving = self._checked(message, fromDomain)
             self._withinRate(message.sender, fromDomain)
             # The outbox encodes the message to store it: EncodeError.
-            self.outbox.submitThen(
-                origin, receiving, message, onAccepted, onFailure, *args, onOutcome=onOutcome
-            )
+            self.outbox.submitThen(origin, receiving, message, onAccepted, onFailure, args, onOutcome)
         except Refused:
             onFailure(Failure(), *args)
         except EncodeError as e:
@@ -267,17 +266,17 @@ class Router:
             return self.deliver(record, origin, receiving)
         return self.pool.send((origin, receiving), record)
 
-    def transmitThen(self, origin, receiving, record, onAnswer, onFailure, *args):
+    def transmitThen(self, origin, receiving, record, onAnswer, onFailure, args=()):
         """
         L{transmit}, calling C{onAnswer(answer, *args)} or
-        C{onFailure(failure, *args)}; a record for a remote domain makes
-        no L{Deferred} on a connection already authenticated for the pair
-        (the outbox's per-message path).
+        C{onFailure(failure, *args)} (C{args} a tuple); a record for a
+        remote domain makes no L{Deferred} on a connection already
+        authenticated for the pair (the outbox's per-message path).
         """
         if self.aggregator.domain(receiving) is not None:
-            self.deliverThen(record, origin, receiving, onAnswer, onFailure, *args)
+            self.deliverThen(record, origin, receiving, onAnswer, onFailure, args)
         else:
-            self.pool.sendThen((origin, receiving), record, onAnswer, onFailure, *args)
+            self.pool.sendThen((origin, receiving), record, onAnswer, onFailure, args)
 
     def deliver(self, record, origin, receiving):
         """
@@ -299,11 +298,11 @@ class Router:
         self.deliverThen(record, origin, receiving, handled.callback, handled.errback)
         return handled
 
-    def deliverThen(self, record, origin, receiving, onAnswer, onFailure, *args):
+    def deliverThen(self, record, origin, receiving, onAnswer, onFailure, args=()):
         """
         L{deliver}, calling C{onAnswer(answer, *args)} or C{onFailure(failure,
-        *args)} instead of returning a L{Deferred} (the per-message path of
-        a receiving server).
+        *args)} (C{args} a tuple) instead of returning a L{Deferred} (the
+        per-message path of a receiving server).
         """
         domain = self.aggregator.domain(receiving)
         if domain is None:
@@ -341,7 +340,7 @@ class Router:
             self._handled(None, waiting)
             return
         self._delivering[key] = []
-        domain.receiveMessageThen(record, self._remember, self._settled, key, waiting)
+        domain.receiveMessageThen(record, self._remember, self._settled, (key, waiting))
 
     def _remember(self, _, key, waiting):
         """

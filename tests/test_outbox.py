@@ -953,7 +953,7 @@ class FakeTransmit:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, origin, remote, record, onAnswer, onFailure, *args):
+    def __call__(self, origin, remote, record, onAnswer, onFailure, args):
         d = Deferred()
         d.addCallbacks(onAnswer, onFailure, args, None, args)
         self.calls.append((remote, record.messageId, d))
@@ -1334,7 +1334,7 @@ class OutboxTests(SynchronousTestCase):
         """
         self.outbox.stop()
         self.outbox = self.build(giveUpAfter=90.0, retryInitial=1000.0, retryMax=1000.0)
-        def failAtOnce(origin, remote, record, onAnswer, onFailure, *args):
+        def failAtOnce(origin, remote, record, onAnswer, onFailure, args):
             onFailure(Failure(Refused(ErrorCode.TEMPORARY_FAILURE, "down")), *args)
 
         self.outbox.transmit = failAtOnce
