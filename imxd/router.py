@@ -12,7 +12,6 @@ only as its own addresses, each account within its rate limit.
 """
 
 import collections
-import re
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
@@ -62,8 +61,12 @@ def domainOf(text, field, domainAllowed):
         raise Refused(ErrorCode.MALFORMED, f"{field}: {e}") from None
 
 
-#: MESSAGE_IDs are printable ASCII: 0x21 to 0x7e.
-_PRINTABLE = re.compile("[\x21-\x7e]+")
+def printableId(messageId):
+    """
+    @return: whether C{messageId} is printable ASCII, 0x21 to 0x7e, and not
+        empty.
+    """
+    return bool(messageId) and messageId.isascii() and messageId.isprintable() and " " not in messageId
 
 
 def dataPair(record):
@@ -76,6 +79,16 @@ def dataPair(record):
         printable ASCII, or a NOTIFY whose recipients are in several domains.
     """
     recordType = type(record)
+    if recordType is Message:
+        # The per-message path: two addresses seen before, as a rule.
+        try:
+            pair = (Address.parse(record.sender).domain, Address.parse(record.recipient).domain)
+        except AddressError:
+            pass
+        else:
+            if not printableId(record.messageId):
+                raise Refused(ErrorCode.MALFORMED, "MESSAGE_ID is not printable ASCII")
+            return pair
     origin, recipient = _ENVELOPES[recordType]
     domainOnly = recordType is DomainAttributesGet
     originDomain = domainOf(getattr(record, origin), "FROM", domainOnly)
@@ -90,7 +103,7 @@ def dataPair(record):
                 ErrorCode.MALFORMED, "the TO addresses of a NOTIFY span several domains"
             )
         receiving = domains.pop()
-    if recordType is Message and _PRINTABLE.fullmatch(record.messageId) is None:
+    if recordType is Message and not printableId(record.messageId):
         raise Refused(ErrorCode.MALFORMED, "MESSAGE_ID is not printable ASCII")
     return originDomain, receiving
 
