@@ -388,7 +388,7 @@ class LinkClient(service.Service):
         return waiting
 
     def _transmit(self, key):
-        self.connection.requestThen(self.outstanding[key][0], self._answered, self._failed, key)
+        self.connection.requestThen(self.outstanding[key][0], self._answered, self._failed, (key,))
 
     def _answered(self, answer, key):
         entry = self.outstanding.pop(key, None)

@@ -104,6 +104,11 @@ class PeerState(enum.Enum):
     CLOSING = "closing"
     CLOSED = "closed"
 
+    # Every record looks its handler up by the state: hash by identity (the
+    # members are singletons) rather than by Enum's hash of the name, a
+    # Python call.
+    __hash__ = object.__hash__
+
 
 class Refused(Exception):
     """
@@ -955,13 +960,14 @@ class PeerProtocol(Protocol):
         self._sendRequest(tag, deferred, record)
         return deferred
 
-    def requestThen(self, record, onAnswer, onFailure, *args):
+    def requestThen(self, record, onAnswer, onFailure, args=()):
         """
         Send a request with a fresh tag, and call C{onAnswer(answer, *args)}
         or C{onFailure(failure, *args)} when its outcome is known, as
         L{request}'s L{Deferred} would fire, without making one (the
         per-message path; L{imxd.callbacks}).
 
+        @param args: a tuple.
         @raise EncodeError: the record cannot be sent; neither is called.
         """
         self._sendRequest(self._nextTag(), Callbacks(onAnswer, onFailure, args), record)

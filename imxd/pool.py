@@ -422,13 +422,7 @@ class OutboundPool:
                 record,
                 self._answered,
                 self._unanswered,
-                protocol,
-                pair,
-                record,
-                attempt,
-                onAnswer,
-                onFailure,
-                args,
+                (protocol, pair, record, attempt, onAnswer, onFailure, args),
             )
         except EncodeError as e:
             onFailure(Failure(Refused(ErrorCode.MALFORMED, f"cannot send: {e}")), *args)

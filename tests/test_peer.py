@@ -740,7 +740,7 @@ class RequestTests(PeerTestCase):
             told.append((name, failure.value))
 
         for name in ("acked", "refused", "lost"):
-            self.proto.requestThen(MESSAGE, answered, failed, name)
+            self.proto.requestThen(MESSAGE, answered, failed, (name,))
         acked, refused, _lost = self.written()
         self.assertEqual(self.proto.pendingRequests(), 3)
         self.send(Ack(tags=(acked.tag,)))

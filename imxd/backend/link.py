@@ -287,7 +287,7 @@ class LinkBackend:
         while self.held and self.connected():
             serial, record = self.held.popleft()
             self._unconfirmed[serial] = record
-            self.connection.requestThen(record, self._taken, self._notTaken, serial, record)
+            self.connection.requestThen(record, self._taken, self._notTaken, (serial, record))
 
     def _taken(self, _, serial, record):
         self._unconfirmed.pop(serial, None)
@@ -336,7 +336,7 @@ class LinkBackend:
         if not self.connected():
             onFailure(Failure(self._notConnected()), *args)
             return
-        self.connection.requestThen(message, self._delivered, self._notDelivered, onAccepted, onFailure, args)
+        self.connection.requestThen(message, self._delivered, self._notDelivered, (onAccepted, onFailure, args))
 
     def _delivered(self, _, onAccepted, onFailure, args):
         onAccepted(None, *args)
