@@ -224,6 +224,12 @@ LinkClientProtocol.stateTables = servingTables(
         Delivered: LinkClientProtocol._handleAck,
     }
 )
+# While the client closes, a DELIVERED still completes what it answers, as
+# an ACK does.
+LinkClientProtocol.stateTables[PeerState.CLOSING] = {
+    **LinkClientProtocol.stateTables[PeerState.CLOSING],
+    Delivered: LinkClientProtocol._handleAck,
+}
 
 
 class _LinkClientFactory(PeerFactory):

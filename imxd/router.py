@@ -63,10 +63,16 @@ def domainOf(text, field, domainAllowed):
 
 def printableId(messageId):
     """
-    @return: whether C{messageId} is printable ASCII, 0x21 to 0x7e, and not
-        empty.
+    @return: whether C{messageId} is a string of printable ASCII, 0x21 to
+        0x7e, and not empty.
     """
-    return bool(messageId) and messageId.isascii() and messageId.isprintable() and " " not in messageId
+    return (
+        type(messageId) is str
+        and messageId.isascii()
+        and messageId.isprintable()
+        and bool(messageId)
+        and " " not in messageId
+    )
 
 
 def dataPair(record):

@@ -10,6 +10,7 @@ import os
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from imxd.backend.link import (
@@ -24,7 +25,7 @@ from imxd.backend.link import (
 from imxd.link import LinkClient, LinkHandler
 from imxd.peer import PeerState, Refused
 from imxd.testing import BackendContractMixin, FakeDomainService
-from imxd.wire import Ack, Delivered, EncodeError, ErrorCode, LinkAuth
+from imxd.wire import Ack, Delivered, EncodeError, ErrorCode, LinkAuth, Message
 from tests.linking import (
     SECRET,
     CallableEndpoint,
@@ -828,6 +829,55 @@ class OutcomeAnswerTests(SynchronousTestCase):
         self.assertEqual(self.alice.reports, [])
         self.assertEqual(dict(self.a.status())["queue-outcome-answers"], "0")
         self.assertEqual(len(self.backendOfA().held) + len(self.backendOfA()._unconfirmed), 1)
+
+    def test_lostAnswersCounted(self):
+        """
+        DELIVERED answers still gathered when the link is lost are counted
+        and logged; their MESSAGEs, unanswered, are sent again by the
+        client on its next link, and B takes the copy as the message it
+        already delivered.
+        """
+        client = self.clientA()
+        gate = Deferred()
+        self.bob.deliverMessage = lambda message: gate
+        sent = self.send(client, "m-1")
+        link = self.backendOfA().connection
+        # As if the link were reading: the answer is gathered, not written.
+        link._reading = True
+        gate.callback(None)
+        self.network.flush()
+        self.assertEqual(len(link._delivered), 1)
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        link.transport.abortConnection()
+        self.network.flush()
+        self.assertEqual(link.factory.counters["delivered-answers-lost"], 1)
+        [logged] = [e for e in events if "DELIVERED answers" in e.get("log_format", "")]
+        self.assertEqual(logged["count"], 1)
+        self.assertNoResult(sent)
+        self.network.advance(5, step=0.5)
+        self.assertIsNone(self.successResultOf(sent))
+        [report] = self.alice.reports
+        self.assertEqual((report.messageId, report.code), ("m-1", None))
+        self.assertEqual(self.b.router.duplicates, 1)
+
+    def test_deliveredWhileClientCloses(self):
+        """
+        A DELIVERED that reaches the client after it began to close still
+        completes the MESSAGEs it answers.
+        """
+        client = self.clientA()
+        gate = Deferred()
+        self.bob.deliverMessage = lambda message: gate
+        sent = self.send(client, "m-1")
+        connection = client.connection
+        [tag] = [t for t, (_w, _at, r) in connection._pending.items() if type(r) is Message]
+        connection.state = PeerState.CLOSING
+        connection._dispatch(Delivered(tags=(tag,)))
+        self.assertIsNone(self.successResultOf(sent))
+        [report] = self.alice.reports
+        self.assertEqual(report.messageId, "m-1")
 
     def test_handlerFailureLogged(self):
         """

@@ -48,6 +48,14 @@ class PrintableIdTests(SynchronousTestCase):
             self.assertFalse(printableId(text), repr(text))
         self.assertTrue(printableId("!~"))
 
+    def test_notText(self):
+        """
+        Only a string can be a MESSAGE_ID (a backend in process could hand
+        over anything): other values fail, without raising.
+        """
+        for value in (None, 0, 5, b"abc", b"", ["m-1"]):
+            self.assertFalse(printableId(value), repr(value))
+
 
 class DataPairTests(SynchronousTestCase):
     """
@@ -66,7 +74,7 @@ class DataPairTests(SynchronousTestCase):
         """
         A MESSAGE whose MESSAGE_ID is not printable ASCII is malformed.
         """
-        for messageId in ("m 1", "m\x7f", "m\xe9"):
+        for messageId in ("m 1", "m\x7f", "m\xe9", None, b"m-1"):
             with self.assertRaises(Refused) as caught:
                 dataPair(message(messageId=messageId))
             self.assertEqual(caught.exception.code, ErrorCode.MALFORMED)

@@ -90,8 +90,9 @@ MAX_UNAUTHENTICATED_PER_ADDRESS = 8
 RETRY_WHILE_DOWN = 5
 
 #: The capability by which a link side says it takes (the backend) or
-#: gives (imxd) a REPORT as the answer to a MESSAGE whose outcome came
-#: before it was acknowledged (protocol.md, section 19.3).
+#: gives (imxd) the outcome of a MESSAGE that came before it was
+#: acknowledged as its answer: DELIVERED, or a REPORT response
+#: (protocol.md, section 19.3).
 REPORT_ANSWER = "report-answer"
 
 #: What both sides of a link announce in HELLO.
@@ -491,6 +492,16 @@ class LinkServerProtocol(PeerProtocol):
         for domain in self.domains:
             self.factory.backends[domain].detach(self)
         self.domains = set()
+        if self._delivered:
+            # Their MESSAGEs are unanswered: the backend sends them again
+            # (protocol.md, section 19.6) and hears their outcome then.
+            self.factory.count("delivered-answers-lost", len(self._delivered))
+            self.log.warn(
+                "link from {peer} lost before {count} DELIVERED answers were sent",
+                peer=self._peerName(),
+                count=len(self._delivered),
+            )
+            self._delivered = []
         super().connectionLost(reason)
 
     def _handleAuth(self, auth: LinkAuth) -> None:
