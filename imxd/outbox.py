@@ -331,7 +331,10 @@ class Outbox:
         queue.window = min(self.settings.window, queue.window + 1)
         self.counters["delivered"] += 1
         self._finish(entry, None)
-        self._pump(queue)
+        if queue.waiting or queue.returned or not queue.inFlight:
+            # Something to send, or the queue to drop once empty; with
+            # neither, pumping would do nothing (the usual case under load).
+            self._pump(queue)
 
     def _failed(self, failure, entry):
         queue = self._queue(entry.remote)
