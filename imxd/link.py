@@ -401,18 +401,13 @@ class LinkClient(service.Service):
         if entry is None:
             return
         record, waiting, convert = entry
-        if type(record) is Message:
+        if type(record) is Message and type(answer) in (Delivered, Report):
             # report-answer: accepted, and already delivered (or failed).
             if type(answer) is Delivered:
-                waiting.callback(None)
-                self._reportAnswered(
-                    Report(sender=record.sender, recipient=record.recipient, messageId=record.messageId)
-                )
-                return
-            if type(answer) is Report:
-                waiting.callback(None)
-                self._reportAnswered(answer)
-                return
+                answer = Report(sender=record.sender, recipient=record.recipient, messageId=record.messageId)
+            waiting.callback(None)
+            self._reportAnswered(answer)
+            return
         try:
             result = convert(answer)
         except Exception:

@@ -409,7 +409,7 @@ class Outbox:
         acceptance = entry.acceptance
         if acceptance is None or acceptance[3] is None:
             return False
-        onAccepted, _onFailure, args, onOutcome = acceptance
+        _onAccepted, _onFailure, args, onOutcome = acceptance
         try:
             taken = onOutcome(entry.origin, entry.record, refusal, *args)
         except Exception:
