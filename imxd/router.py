@@ -324,11 +324,12 @@ class Router:
         per-message path of a receiving server).
         """
         domain = self.aggregator.domain(receiving)
+        pair = (origin, receiving)
         if domain is None:
             refusal = Refused(ErrorCode.RELAY_DENIED, f"{receiving} is not hosted here")
         elif origin in domain.config.policy.blockedDomains:
             refusal = Refused(ErrorCode.BLOCKED, f"{receiving} does not accept traffic from {origin}")
-        elif self._inProgress[(origin, receiving)] >= self.maxInProgress:
+        elif self._inProgress[pair] >= self.maxInProgress:
             self.busyRefusals += 1
             refusal = Refused(
                 ErrorCode.RESOURCE_LIMIT,
@@ -341,7 +342,6 @@ class Router:
         if refusal is not None:
             onFailure(Failure(refusal), *args)
             return
-        pair = (origin, receiving)
         self._inProgress[pair] += 1
         waiting = (pair, onAnswer, onFailure, args)
         if not isinstance(record, Message):

@@ -44,8 +44,9 @@ class QueuedMessage:
     @ivar attempts: tries that the receiving server refused for now.
     @ivar notBefore: clock seconds before which it is not tried again.
     @ivar lastError: why the last try failed, or L{None}.
-    @ivar acceptance: C{(onAccepted, onFailure, args)} of the backend that
-        submitted it, until it hears that the message was accepted (or
+    @ivar acceptance: C{(onAccepted, onFailure, args, onOutcome)} of the
+        backend that submitted it (L{imxd.outbox.Outbox.submitThen}), until
+        it hears that the message was accepted (or
         could not be queued); L{None} after, and for messages kept from
         before a restart.
     @ivar reported: whether its sender hears of its outcome (not after it
